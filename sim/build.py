@@ -1,0 +1,145 @@
+"""From a validated scenario to the parts a plant needs: models, GPUs, physics, budget schedule.
+
+Checks that need the catalog (model and GPU names, memory fit, cap range, files) live here and raise
+``ScenarioError`` naming the scenario file and the field.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from sim.catalog.gpus import GpuSpec, UnknownGpuError, get_gpu
+from sim.catalog.models import ModelConfigError, ModelSpec, load_model
+from sim.engine import kv_capacity_tokens
+from sim.physics import HostOverheads, Parallelism, ReplicaPhysics
+from sim.routing import ExpertPopularity
+from sim.scenario import DeploymentConfig, Scenario, ScenarioError, TraceWorkload
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    """A piecewise-constant power budget (W) over time; ``inf`` when none is set."""
+
+    times_s: tuple[float, ...]
+    watts: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        """Budget in force at time ``t``."""
+        if not self.times_s:
+            return math.inf
+        i = bisect.bisect_right(self.times_s, t) - 1
+        return self.watts[max(i, 0)]
+
+
+def resolve_model(scenario: Scenario, dep: DeploymentConfig) -> ModelSpec:
+    """The deployment's model, from the catalog, a config.json path (relative to the scenario) or inline."""
+    ref = dep.model
+    if isinstance(ref, str) and (ref.endswith(".json") or "/" in ref):
+        ref = str(scenario.resolve_path(ref))
+    return load_model(ref, name=dep.model if isinstance(dep.model, str) else None)
+
+
+def build_physics(scenario: Scenario, dep: DeploymentConfig, gpu: GpuSpec | None = None,
+                  model: ModelSpec | None = None) -> ReplicaPhysics:
+    """The step-time and power model of one replica of ``dep``."""
+    model = model or resolve_model(scenario, dep)
+    gpu = gpu or get_gpu(dep.gpu)
+    par = Parallelism(dep.parallelism.tensor, dep.parallelism.data, dep.parallelism.expert)
+    popularity = None
+    if model.is_moe:
+        r = dep.expert_routing
+        if r.kind == "zipf":
+            popularity = ExpertPopularity.zipf(model.num_experts, model.experts_per_token, r.exponent)
+        elif r.kind == "measured":
+            popularity = ExpertPopularity.from_counts_csv(scenario.resolve_path(r.path or ""), r.model or "",
+                                                          r.layer, model.experts_per_token)
+            if popularity.num_experts != model.num_experts:
+                raise ValueError(f"counts for {r.model!r} cover {popularity.num_experts} experts, the model has "
+                                 f"{model.num_experts}")
+    overheads = HostOverheads(dep.engine.step_overhead_s, dep.engine.per_seq_overhead_s)
+    return ReplicaPhysics(model, gpu, par, overheads, popularity)
+
+
+def max_model_len(dep: DeploymentConfig, model: ModelSpec) -> int:
+    """Longest prompt + output a replica accepts."""
+    return dep.engine.max_model_len or model.max_position_embeddings
+
+
+def load_budget(scenario: Scenario) -> BudgetSchedule:
+    """The scenario's budget as a schedule (CSV files: columns at_s,w)."""
+    b = scenario.power.budget_w
+    if b is None:
+        return BudgetSchedule((), ())
+    if isinstance(b, float | int):
+        return BudgetSchedule((0.0,), (float(b),))
+    if isinstance(b, list):
+        return BudgetSchedule(tuple(p.at_s for p in b), tuple(p.w for p in b))
+    path = scenario.resolve_path(b)
+    if not path.is_file():
+        raise ScenarioError(f"power.budget_w: budget file not found: {path}")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise ScenarioError(f"{path}: not a readable CSV ({exc})") from None
+    if list(df.columns[:2]) != ["at_s", "w"]:
+        raise ScenarioError(f"{path}: expected columns at_s,w; got {','.join(map(str, df.columns))}")
+    t = pd.to_numeric(df["at_s"], errors="coerce")
+    w = pd.to_numeric(df["w"], errors="coerce")
+    for i in range(len(df)):
+        if not (t.iloc[i] >= 0) or not (w.iloc[i] > 0):
+            raise ScenarioError(f"{path}: line {i + 2}: expected at_s >= 0 and w > 0, got "
+                                f"{df['at_s'].iloc[i]!r},{df['w'].iloc[i]!r}")
+        if i and t.iloc[i] <= t.iloc[i - 1]:
+            raise ScenarioError(f"{path}: line {i + 2}: at_s must increase ({t.iloc[i]} after {t.iloc[i - 1]})")
+    if df.empty or t.iloc[0] != 0:
+        raise ScenarioError(f"{path}: the schedule must start with at_s = 0")
+    return BudgetSchedule(tuple(float(x) for x in t), tuple(float(x) for x in w))
+
+
+def check_scenario(scenario: Scenario, source: str) -> None:
+    """Catalog and file checks; raises ``ScenarioError`` naming ``source`` and the field."""
+    for i, dep in enumerate(scenario.deployments):
+        where = f"{source}: deployments.{i}"
+        try:
+            gpu = get_gpu(dep.gpu)
+        except UnknownGpuError as exc:
+            raise ScenarioError(f"{where}.gpu: {exc}") from None
+        try:
+            model = resolve_model(scenario, dep)
+        except ModelConfigError as exc:
+            raise ScenarioError(f"{where}.model: {exc}") from None
+        tp = dep.parallelism.tensor
+        if model.num_heads % tp:
+            raise ScenarioError(f"{where}.parallelism.tensor: {model.name} has {model.num_heads} attention heads, "
+                                f"not divisible by tensor={tp}")
+        if dep.parallelism.expert and model.is_moe:
+            ranks = tp * dep.parallelism.data
+            if model.num_experts % ranks:
+                raise ScenarioError(f"{where}.parallelism: {model.num_experts} experts cannot be spread evenly over "
+                                    f"{ranks} expert-parallel ranks")
+        if dep.expert_routing.kind == "measured":
+            p = scenario.resolve_path(dep.expert_routing.path or "")
+            if not p.is_file():
+                raise ScenarioError(f"{where}.expert_routing.path: file not found: {p}")
+        try:
+            phys = build_physics(scenario, dep, gpu, model)
+        except (ValueError, KeyError) as exc:
+            raise ScenarioError(f"{where}.expert_routing: {exc}") from None
+        try:
+            kv_capacity_tokens(phys, dep.engine.gpu_memory_utilization, dep.engine.max_num_batched_tokens)
+        except ValueError as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+        cap = scenario.control.power_cap_w
+        if cap is not None and not gpu.power_limit_min_w <= cap <= gpu.power_limit_max_w:
+            raise ScenarioError(f"{source}: control.power_cap_w: {cap:g} W is outside {gpu.name}'s power-limit "
+                                f"range {gpu.power_limit_min_w:g}-{gpu.power_limit_max_w:g} W")
+        if isinstance(dep.workload, TraceWorkload):
+            p = scenario.resolve_path(dep.workload.path)
+            if not Path(p).is_file():
+                raise ScenarioError(f"{where}.workload.path: trace file not found: {p}")
+    load_budget(scenario)

@@ -1,0 +1,109 @@
+"""The ``pals`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sim.errors import PalsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pals: simulate power-aware LLM serving (dense and MoE) under power budgets.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def print_summary(summary: dict) -> None:
+    """The summary table on the terminal."""
+    from sim.report import summary_rows
+
+    header, rows = summary_rows(summary)
+    table = Table(title=f"{summary['scenario']} (policy {summary['policy']}, seed {summary['seed']})")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    t = summary["totals"]
+    console.print(f"{t['duration_s']:.1f} s simulated on {t['num_gpus']} GPUs in {t['wall_s']:.2f} s wall, "
+                  f"{t['sim_events']:,} events")
+
+
+@app.command()
+def run(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/latest"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: a.b.0.c=value (repeatable).")]
+    = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Skip report.html.")] = False,
+) -> None:
+    """Simulate a scenario; write scenario.resolved.yaml, requests.parquet, timeseries.parquet, summary.json and
+    report.html into --out; print the summary."""
+    from sim.run import run_scenario, write_outputs
+    from sim.scenario import load_scenario
+
+    try:
+        sc = load_scenario(scenario, set_ or [])
+        outputs = run_scenario(sc)
+        write_outputs(out, sc, outputs, report=not no_report)
+    except PalsError as exc:
+        _fail(exc)
+    print_summary(outputs.summary)
+    console.print(f"outputs in {out}/" + ("" if no_report else f"  (report: {out / 'report.html'})"))
+
+
+@app.command()
+def schema() -> None:
+    """Print the scenario JSON schema."""
+    from sim.scenario import Scenario
+
+    s = Scenario.model_json_schema()
+    s.get("properties", {}).pop("base_dir", None)
+    typer.echo(json.dumps(s, indent=2))
+
+
+@app.command()
+def catalog() -> None:
+    """List the GPUs and models of the catalog."""
+    from sim.catalog import GPUS, MODEL_NAMES, load_model
+
+    t = Table(title="GPUs")
+    for c in ("name", "bf16 TFLOP/s", "HBM TB/s", "HBM GiB", "power limit W", "idle W", "NVLink GB/s"):
+        t.add_column(c)
+    for g in GPUS.values():
+        t.add_row(g.name, f"{g.peak_bf16_flops / 1e12:.0f}", f"{g.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
+                  f"{g.hbm_bytes / 1024**3:.0f}", f"{g.power_limit_min_w:.0f}-{g.power_limit_max_w:.0f}",
+                  f"{g.idle_power_w:.0f}", f"{g.nvlink_bandwidth_bytes_per_s / 1e9:.0f}")
+    console.print(t)
+    m = Table(title="Models")
+    for c in ("name", "params (B)", "active (B)", "experts", "top-k", "KV KiB/token"):
+        m.add_column(c)
+    for name in MODEL_NAMES:
+        s = load_model(name)
+        m.add_row(name, f"{s.total_params / 1e9:.1f}", f"{s.active_params_per_token / 1e9:.1f}",
+                  str(s.num_experts or "-"), str(s.experts_per_token or "-"), f"{s.kv_bytes_per_token / 1024:.0f}")
+    console.print(m)
+
+
+def main() -> None:
+    """Entry point: PalsError → one message and exit code 2."""
+    try:
+        app()
+    except PalsError as exc:  # pragma: no cover - commands handle their own
+        err_console.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

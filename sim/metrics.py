@@ -1,0 +1,129 @@
+"""Records to DataFrames, and the run summary.
+
+``requests.parquet`` has one row per request; ``timeseries.parquet`` one row per control period and GPU.
+The summary holds ``totals`` and ``deployments.<name>`` with throughput, energy, latency percentiles, SLO
+attainment and budget adherence.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim.plant import RunResult
+
+REQUEST_COLUMNS = ("deployment", "request_id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
+                   "output_tokens", "generated_tokens", "preemptions", "status", "drop_reason")
+BUDGET_TOLERANCE = 1e-6  # relative: a window counts as a violation when power > budget·(1 + tolerance)
+
+
+def requests_frame(result: RunResult) -> pd.DataFrame:
+    """One row per request (completed, dropped, or unfinished at the end), ordered by deployment and id."""
+    cols: dict[str, list] = {k: [] for k in REQUEST_COLUMNS}
+    for dep in result.deployments:
+        dropped = {id(r) for r in dep.dropped}
+        for r in dep.requests:
+            status = "dropped" if id(r) in dropped else "completed"
+            for k, v in (("deployment", dep.name), ("request_id", r.id), ("replica", r.replica),
+                         ("arrival_s", r.arrival_s), ("first_token_s", r.first_token_s), ("finish_s", r.finish_s),
+                         ("prompt_tokens", r.prompt_tokens), ("output_tokens", r.output_tokens),
+                         ("generated_tokens", r.generated), ("preemptions", r.preemptions), ("status", status),
+                         ("drop_reason", r.drop_reason)):
+                cols[k].append(v)
+    df = pd.DataFrame(cols)
+    return df.astype({"request_id": "int64", "replica": "int64", "prompt_tokens": "int64", "output_tokens": "int64",
+                      "generated_tokens": "int64", "preemptions": "int64", "arrival_s": "float64",
+                      "first_token_s": "float64", "finish_s": "float64"})
+
+
+def timeseries_frame(result: RunResult) -> pd.DataFrame:
+    """One row per control period and GPU."""
+    return pd.DataFrame(result.timeseries.columns)
+
+
+def _pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q)) if len(x) else math.nan
+
+
+def _latency(done: pd.DataFrame) -> dict[str, float]:
+    ttft = (done["first_token_s"] - done["arrival_s"]).to_numpy()
+    multi = done[done["generated_tokens"] > 1]
+    tpot = ((multi["finish_s"] - multi["first_token_s"]) / (multi["generated_tokens"] - 1)).to_numpy()
+    e2e = (done["finish_s"] - done["arrival_s"]).to_numpy()
+    return {"ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50),
+            "tpot_p99_s": _pct(tpot, 99), "e2e_p50_s": _pct(e2e, 50), "e2e_p99_s": _pct(e2e, 99)}
+
+
+def _slo_met(done: pd.DataFrame, ttft_s: float | None, tpot_s: float | None) -> int:
+    ok = np.ones(len(done), dtype=bool)
+    if ttft_s is not None:
+        ok &= (done["first_token_s"] - done["arrival_s"]).to_numpy() <= ttft_s
+    if tpot_s is not None:
+        gen = done["generated_tokens"].to_numpy()
+        tpot = np.where(gen > 1, (done["finish_s"] - done["first_token_s"]).to_numpy() / np.maximum(gen - 1, 1), 0.0)
+        ok &= tpot <= tpot_s
+    return int(ok.sum())
+
+
+def _violations(power: np.ndarray, budget: np.ndarray) -> float:
+    bound = np.isfinite(budget)
+    if not bound.any():
+        return 0.0
+    return float(np.mean(power[bound] > budget[bound] * (1 + BUDGET_TOLERANCE)))
+
+
+def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFrame) -> dict[str, Any]:
+    """The run summary (``summary.json``)."""
+    end = result.end_s
+    deployments: dict[str, Any] = {}
+    tot_energy = tot_tokens = 0.0
+    tot_completed = tot_dropped = tot_slo = 0
+    total_gpus = sum(len(d.gpus) for d in result.deployments)
+    for dep in result.deployments:
+        reqs = requests[requests["deployment"] == dep.name]
+        done = reqs[reqs["status"] == "completed"]
+        energy = float(sum(g.get_total_energy_j() for g in dep.gpus))
+        tokens = float(sum(e.tokens_generated_now() for e in dep.engines))
+        slo = _slo_met(done, dep.cfg.slo.ttft_s, dep.cfg.slo.tpot_s)
+        ts = timeseries[timeseries["deployment"] == dep.name]
+        per_window = ts.groupby("time_s", sort=True).agg(power=("power_w", "sum"), budget=("budget_w", "first"))
+        share = len(dep.gpus) / total_gpus
+        deployments[dep.name] = {
+            "model": dep.model.name, "gpu": dep.gpu_spec.name, "num_gpus": len(dep.gpus),
+            "requests_submitted": len(reqs), "requests_completed": len(done), "requests_dropped": len(reqs) - len(done),
+            "output_tokens": int(tokens), "throughput_tokens_per_s": tokens / end if end > 0 else 0.0,
+            "energy_j": energy, "avg_power_w": energy / end if end > 0 else 0.0,
+            "tokens_per_j": tokens / energy if energy > 0 else 0.0,
+            **_latency(done),
+            "slo_attainment": slo / len(reqs) if len(reqs) else math.nan,
+            "budget_violation_fraction": _violations(per_window["power"].to_numpy(),
+                                                     per_window["budget"].to_numpy() * share),
+            "kv_cache_tokens_per_replica": dep.kv_capacity_tokens,
+            "engine_iterations": int(sum(e.iterations for e in dep.engines)),
+            "preemptions": int(sum(e.preemptions for e in dep.engines)),
+            "sim_events": int(sum(e.timer_events for e in dep.engines) + dep.source.events),
+            "wall_s": result.wall_s,
+        }
+        tot_energy += energy
+        tot_tokens += tokens
+        tot_completed += len(done)
+        tot_dropped += len(reqs) - len(done)
+        tot_slo += slo
+    done_all = requests[requests["status"] == "completed"]
+    bw = np.array(result.budget_windows, dtype=float).reshape(-1, 3)
+    totals = {
+        "duration_s": end, "num_gpus": total_gpus,
+        "requests_completed": tot_completed, "requests_dropped": tot_dropped,
+        "output_tokens": int(tot_tokens), "throughput_tokens_per_s": tot_tokens / end if end > 0 else 0.0,
+        "energy_j": tot_energy, "avg_power_w": tot_energy / end if end > 0 else 0.0,
+        "tokens_per_j": tot_tokens / tot_energy if tot_energy > 0 else 0.0,
+        **_latency(done_all),
+        "slo_attainment": tot_slo / len(requests) if len(requests) else math.nan,
+        "budget_violation_fraction": _violations(bw[:, 1], bw[:, 2]),
+        "sim_events": result.sim_events, "wall_s": result.wall_s,
+    }
+    return {"scenario": result.scenario.name, "seed": result.scenario.seed, "policy": result.scenario.control.policy,
+            "totals": totals, "deployments": deployments}

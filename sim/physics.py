@@ -1,0 +1,302 @@
+"""Physics v1: how long one engine step takes and what power the GPUs draw while doing it.
+
+A step serves a batch: some prefill tokens (chunked) and some decode tokens, each attending over its
+context. Per GPU of a replica (the busiest rank under expert parallelism) its parts are
+
+* compute  ``C / (peak · eff_c · f)`` — tensor-core work scales with the SM clock fraction ``f``;
+* memory   ``M / (bw · eff_m · g(f))`` — weights actually read (dense part, plus the distinct experts the
+  batch touches) and KV bytes; HBM does not speed up with the SM clock, but below a knee clock the SMs
+  cannot keep it saturated: ``g(f) = min(1, f / knee)``;
+* communication — TP all-reduces (two per layer) and EP all-to-alls (dispatch + combine per MoE layer),
+  bytes over link bandwidth plus a latency per collective; independent of the SM clock;
+* a fixed host overhead per step plus a small one per running sequence (scheduling, sampling).
+
+Compute and memory overlap (roofline: the larger wins); communication and host overhead add.
+
+Energy per step: ``t·(P_idle + P_base·f) + P_c·f^(α-1)·C/(peak·eff_c) + P_m·M/(bw·eff_m)``: a static
+part over the step, energy per FLOP growing as ``f^(α-1)`` (DVFS: power ``∝ f·V²``), energy per byte
+constant. Power is energy over time. A power cap lowers the clock until the step's power fits, down to
+the minimum clock; where the natural draw is below the cap the cap changes nothing.
+
+During a pure-decode stretch the composition is fixed and every sequence's context grows by one token per
+iteration, so compute and memory work are linear in the iteration index ``j``: the stretch's duration,
+energy, and the number of iterations done by any time have closed forms (``DecodeStretch``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sim.catalog.gpus import GpuSpec
+from sim.catalog.models import ModelSpec
+from sim.routing import ExpertPopularity, busiest_rank_factor
+
+ACT_BYTES = 2.0  # activations exchanged in bf16
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How a replica is split over GPUs (vLLM semantics)."""
+
+    tensor: int = 1
+    data: int = 1
+    expert: bool = False
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs in one replica."""
+        return self.tensor * self.data
+
+
+@dataclass(frozen=True)
+class HostOverheads:
+    """Host-side (CPU) time per engine step, when the GPU waits."""
+
+    step_s: float = 0.002
+    per_seq_s: float = 2e-5
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """Clock-independent description of one step on the busiest GPU.
+
+    ``compute_s`` and ``memory_s`` are times at the max clock; ``fixed_s`` is communication plus host time.
+    """
+
+    compute_s: float
+    memory_s: float
+    fixed_s: float
+
+
+class ReplicaPhysics:
+    """Step-time and power model of one replica: a model on ``parallelism.num_gpus`` GPUs of one type."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        gpu: GpuSpec,
+        parallelism: Parallelism,
+        overheads: HostOverheads | None = None,
+        popularity: ExpertPopularity | None = None,
+        memory_clock_knee: float = 0.5,
+    ) -> None:
+        self.model = model
+        self.gpu = gpu
+        self.par = parallelism
+        self.overheads = overheads or HostOverheads()
+        self.memory_clock_knee = memory_clock_knee
+        if model.is_moe:
+            self.popularity = popularity or ExpertPopularity.uniform(model.num_experts, model.experts_per_token)
+        else:
+            self.popularity = None
+        tp, dp = parallelism.tensor, parallelism.data
+        ranks = tp * dp
+        self.ep_ranks = ranks if (parallelism.expert and model.is_moe) else 1
+        self._flops_rate = gpu.peak_bf16_flops * gpu.compute_efficiency  # FLOP/s at max clock
+        self._bw = gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency
+        self._link = gpu.nvlink_bandwidth_bytes_per_s * gpu.link_efficiency
+        m = model
+        lm_head = m.vocab_size * m.hidden_size
+        # FLOPs per token on one GPU.
+        self._dense_flops_per_token = 2.0 * m.dense_params / ranks
+        self._lm_head_flops_per_row = 2.0 * lm_head / ranks
+        self._expert_flops_per_token = 2.0 * m.num_moe_layers * m.experts_per_token * m.expert_params / ranks
+        # Attention FLOPs per (query token x cached token), per GPU; heads split over TP, sequences over DP.
+        self._attn_flops_full = m.attn_flops_per_context_token / ranks
+        self._attn_flops_windowed = m.attn_flops_per_context_token_windowed / ranks
+        # Weight bytes streamed per step, per GPU (input embedding is gathered, not streamed).
+        self._dense_bytes = (m.dense_params + lm_head) * m.weight_bytes_per_param / tp
+        expert_shards = self.ep_ranks if self.ep_ranks > 1 else tp
+        self._expert_bytes_per_distinct = m.num_moe_layers * m.expert_weight_bytes / expert_shards
+        # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;
+        # MLA's latent cache is not split), sequences split over DP.
+        kv_shards = 1 if m.kv_latent else min(tp, m.num_kv_heads)
+        self._kv_bytes_full = m.kv_bytes_per_token / kv_shards / dp
+        self._kv_bytes_windowed = m.kv_bytes_per_token_windowed / kv_shards / dp
+        self.kv_bytes_per_token_per_gpu = m.kv_bytes_per_token / kv_shards
+        # Communication per token (bytes per GPU link) and number of collectives per step.
+        hidden_bytes = m.hidden_size * ACT_BYTES / dp
+        self._allreduce_s_per_token = 0.0
+        self._collectives = 0
+        if tp > 1:
+            n_ar = 2 * m.num_layers if self.ep_ranks == 1 else m.num_layers + (m.num_layers - m.num_moe_layers)
+            self._allreduce_s_per_token = n_ar * 2.0 * (tp - 1) / tp * hidden_bytes / self._link
+            self._collectives += n_ar
+        self._alltoall_s_per_token = 0.0
+        if self.ep_ranks > 1:
+            ep = self.ep_ranks
+            self._alltoall_s_per_token = (m.num_moe_layers * 2.0 * m.experts_per_token * (ep - 1) / ep
+                                          * hidden_bytes / self._link)
+            self._collectives += 2 * m.num_moe_layers
+        self._collective_latency_s = self._collectives * gpu.collective_latency_s
+        self._distinct_cache: dict[int, float] = {}
+
+    # ----- work of one step ---------------------------------------------------------------------------
+    def distinct_experts(self, num_tokens: int) -> float:
+        """Expected distinct experts per MoE layer touched by ``num_tokens`` tokens."""
+        if self.popularity is None:
+            return 0.0
+        d = self._distinct_cache.get(num_tokens)
+        if d is None:
+            d = self.popularity.expected_distinct(num_tokens)
+            self._distinct_cache[num_tokens] = d
+        return d
+
+    def step_work(self, num_tokens: int, num_logits: int, num_seqs: int, attn_pairs_full: float,
+                  kv_read_full: float, attn_pairs_windowed: float = 0.0, kv_read_windowed: float = 0.0) -> StepWork:
+        """Work of one step on the busiest GPU.
+
+        ``num_tokens``: tokens processed (prefill chunk tokens + one per decoding sequence);
+        ``num_logits``: rows that reach the LM head; ``num_seqs``: sequences in the step;
+        ``attn_pairs_*``: (query token, cached token) pairs attended, in full and sliding-window layers;
+        ``kv_read_*``: cached tokens whose KV is read from HBM (each sequence's context once).
+        """
+        flops = (self._dense_flops_per_token * num_tokens + self._lm_head_flops_per_row * num_logits
+                 + self._attn_flops_full * attn_pairs_full + self._attn_flops_windowed * attn_pairs_windowed)
+        mem = self._dense_bytes + self._kv_bytes_full * kv_read_full + self._kv_bytes_windowed * kv_read_windowed
+        expert_flops = self._expert_flops_per_token * num_tokens
+        if self.popularity is not None:
+            expert_flops *= busiest_rank_factor(num_tokens, self.model.experts_per_token, self.ep_ranks)
+            mem += self._expert_bytes_per_distinct * self.distinct_experts(num_tokens)
+        comm = (self._allreduce_s_per_token + self._alltoall_s_per_token) * num_tokens + self._collective_latency_s
+        host = self.overheads.step_s + self.overheads.per_seq_s * num_seqs
+        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host)
+
+    def kv_read_s(self, cached_tokens_full: float, cached_tokens_windowed: float = 0.0) -> float:
+        """HBM time at full bandwidth to read this many cached tokens' KV once."""
+        return (self._kv_bytes_full * cached_tokens_full + self._kv_bytes_windowed * cached_tokens_windowed) / self._bw
+
+    def attn_compute_s(self, ctx_full: float, ctx_windowed: float = 0.0) -> float:
+        """Tensor-core time at max clock for attention over this many (query, cached token) pairs."""
+        return (self._attn_flops_full * ctx_full + self._attn_flops_windowed * ctx_windowed) / self._flops_rate
+
+    # ----- clock and power ----------------------------------------------------------------------------
+    def memory_speed(self, f: float) -> float:
+        """Fraction of the achieved HBM bandwidth reachable at SM clock fraction ``f``."""
+        return min(1.0, f / self.memory_clock_knee)
+
+    def step_time_s(self, w: StepWork, f: float) -> float:
+        """Duration of a step at clock fraction ``f``."""
+        return max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.fixed_s
+
+    def step_energy_j(self, w: StepWork, f: float, t: float | None = None) -> float:
+        """Energy of one GPU for a step at clock fraction ``f`` (``t``: its duration, if known)."""
+        g = self.gpu
+        if t is None:
+            t = self.step_time_s(w, f)
+        return (t * (g.idle_power_w + g.active_base_power_w * f)
+                + g.compute_power_w * f ** (g.clock_power_exponent - 1.0) * w.compute_s
+                + g.memory_power_w * w.memory_s)
+
+    def step_power_w(self, w: StepWork, f: float) -> float:
+        """Average power of one GPU over a step at clock fraction ``f``."""
+        t = self.step_time_s(w, f)
+        return self.step_energy_j(w, f, t) / t
+
+    def clock_for_cap(self, works: tuple[StepWork, ...], cap_w: float) -> float:
+        """Highest clock fraction at which every step in ``works`` draws at most ``cap_w``.
+
+        Returns the max clock (1.0) when the natural draw fits; the minimum clock when nothing fits.
+        """
+        if all(self.step_power_w(w, 1.0) <= cap_w for w in works):
+            return 1.0
+        lo, hi = self.gpu.min_clock_fraction, 1.0
+        if any(self.step_power_w(w, lo) > cap_w for w in works):
+            return lo
+        for _ in range(30):  # power is increasing in f: bisection to ~1e-9 of the clock range
+            mid = 0.5 * (lo + hi)
+            if all(self.step_power_w(w, mid) <= cap_w for w in works):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def idle_power_w(self) -> float:
+        """Power of one GPU with no work."""
+        return self.gpu.idle_power_w
+
+
+def sum_max_linear(a1: float, b1: float, a2: float, b2: float, m: int) -> float:
+    """``sum_{j=0}^{m-1} max(a1 + b1·j, a2 + b2·j)`` in closed form."""
+    if m <= 0:
+        return 0.0
+
+    def lin(a: float, b: float, lo: int, hi: int) -> float:  # sum_{j=lo}^{hi-1} a + b j
+        n = hi - lo
+        return a * n + b * (hi * (hi - 1) - lo * (lo - 1)) / 2.0 if n > 0 else 0.0
+
+    if b1 == b2:
+        return lin(a1, b1, 0, m) if a1 >= a2 else lin(a2, b2, 0, m)
+    # First integer j at which line 2 is >= line 1 (if line 2 grows faster), or line 1 >= line 2.
+    x = (a1 - a2) / (b2 - b1)
+    split = min(m, max(0, math.ceil(x)))
+    if b2 > b1:  # line 1 wins before x, line 2 after
+        return lin(a1, b1, 0, split) + lin(a2, b2, split, m)
+    return lin(a2, b2, 0, split) + lin(a1, b1, split, m)
+
+
+class Stretch:
+    """``k`` engine iterations with a fixed composition at a fixed clock, in closed form.
+
+    Iteration ``j`` (0-based) has compute time ``(c0 + c1·j)/f`` and memory time ``(m0 + m1·j)/g(f)``
+    (attention and KV reads grow by one token per sequence per iteration), plus fixed time ``x``.
+    A prefill-carrying step is a stretch of one iteration with zero slopes.
+    """
+
+    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m", "_p_static", "c0", "c1", "clock", "iterations",
+                 "m0", "m1", "x")
+
+    def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
+                 iterations: int) -> None:
+        self.c0, self.c1, self.m0, self.m1, self.x = work0.compute_s, c1, work0.memory_s, m1, work0.fixed_s
+        self.clock = clock
+        self.iterations = iterations
+        g = phys.gpu
+        s = phys.memory_speed(clock)
+        self._a1, self._b1 = self.c0 / clock, c1 / clock
+        self._a2, self._b2 = self.m0 / s, m1 / s
+        self._p_static = g.idle_power_w + g.active_base_power_w * clock
+        self._e_c = g.compute_power_w * clock ** (g.clock_power_exponent - 1.0)
+        self._e_m = g.memory_power_w
+
+    def iter_time(self, j: int) -> float:
+        """Duration of iteration ``j``."""
+        return max(self._a1 + self._b1 * j, self._a2 + self._b2 * j) + self.x
+
+    def iter_energy(self, j: int) -> float:
+        """Energy of one GPU during iteration ``j``."""
+        return (self.iter_time(j) * self._p_static + self._e_c * (self.c0 + self.c1 * j)
+                + self._e_m * (self.m0 + self.m1 * j))
+
+    def time_of(self, m: int) -> float:
+        """Time to run the first ``m`` iterations."""
+        return sum_max_linear(self._a1, self._b1, self._a2, self._b2, m) + self.x * m
+
+    def energy_of(self, m: int) -> float:
+        """Energy of one GPU over the first ``m`` iterations."""
+        tri = m * (m - 1) / 2.0
+        return (self.time_of(m) * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
+                + self._e_m * (self.m0 * m + self.m1 * tri))
+
+    def iterations_done_by(self, elapsed_s: float) -> int:
+        """Iterations completed within ``elapsed_s`` of the stretch's start (0..iterations)."""
+        lo, hi = 0, self.iterations
+        if self.time_of(hi) <= elapsed_s:
+            return hi
+        while hi - lo > 1:  # invariant: time_of(lo) <= elapsed < time_of(hi)
+            mid = (lo + hi) // 2
+            if self.time_of(mid) <= elapsed_s:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def energy_by(self, elapsed_s: float) -> float:
+        """Energy of one GPU from the stretch's start to ``elapsed_s`` later (power constant per iteration)."""
+        m = self.iterations_done_by(elapsed_s)
+        e = self.energy_of(m)
+        if m < self.iterations:
+            t_m = self.time_of(m)
+            e += self.iter_energy(m) / self.iter_time(m) * (elapsed_s - t_m)
+        return e

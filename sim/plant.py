@@ -1,0 +1,278 @@
+"""The simulated plant: a scenario wired into SimPy (workload -> router -> engines -> SimGpus), driven by
+the same controllers as real hardware, with telemetry sampled every control period.
+
+Explicit wiring in the desmod style: ``SimPlant`` builds every component from the scenario, then ``run``
+returns plain records that ``sim.metrics`` turns into DataFrames and the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from sim.build import build_physics, load_budget, max_model_len, resolve_model
+from sim.catalog.gpus import get_gpu
+from sim.control import Action, Controller, ControllerContext, Observation, build_controller
+from sim.engine import Engine, kv_capacity_tokens
+from sim.gpu import SimGpu
+from sim.scenario import DeploymentConfig, Scenario
+from sim.workload import Request, RequestSource
+
+
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that counts scheduled events (the simulator's cost measure)."""
+
+    def __init__(self, initial_time: float = 0) -> None:
+        super().__init__(initial_time)
+        self.events = 0
+
+    def schedule(self, event: simpy.Event, priority: int = simpy.core.NORMAL, delay: float = 0) -> None:
+        """Schedule ``event`` and count it."""
+        self.events += 1
+        super().schedule(event, priority, delay)
+
+
+class DeploymentRuntime:
+    """One deployment in the simulation: its replicas, router, source and controller."""
+
+    def __init__(self, plant: SimPlant, index: int, cfg: DeploymentConfig, rng: np.random.Generator,
+                 first_gpu_index: int) -> None:
+        env, scenario = plant.env, plant.scenario
+        self.plant = plant
+        self.index = index
+        self.cfg = cfg
+        self.name = cfg.name
+        self.model = resolve_model(scenario, cfg)
+        self.gpu_spec = get_gpu(cfg.gpu)
+        self.phys = build_physics(scenario, cfg, self.gpu_spec, self.model)
+        self.kv_capacity_tokens = kv_capacity_tokens(self.phys, cfg.engine.gpu_memory_utilization,
+                                                     cfg.engine.max_num_batched_tokens)
+        self.requests: list[Request] = []
+        self.completed: list[Request] = []
+        self.dropped: list[Request] = []
+        self.window_finished: list[Request] = []
+        self.gpus: list[SimGpu] = []
+        self.engines: list[Engine] = []
+        n_per = self.phys.par.num_gpus
+        for r in range(cfg.replicas):
+            gpus = [SimGpu(env, self.gpu_spec, first_gpu_index + r * n_per + k, scenario.power.cap_actuation_delay_s)
+                    for k in range(n_per)]
+            self.gpus.extend(gpus)
+            self.engines.append(Engine(
+                env, self.phys, gpus, replica=r, max_num_seqs=cfg.engine.max_num_seqs,
+                max_num_batched_tokens=cfg.engine.max_num_batched_tokens, block_size=cfg.engine.block_size,
+                kv_capacity_tokens=self.kv_capacity_tokens, max_model_len=max_model_len(cfg, self.model),
+                iteration_stepping=cfg.engine.stepping == "iteration",
+                on_finish=self._finished, on_drop=self._dropped))
+        self._rr = 0
+        self.source = RequestSource(env, scenario, index, self.submit, rng)
+        self.source.on_exhausted = plant.check_done
+        c = scenario.control
+        self.controller: Controller = build_controller(c.policy, ControllerContext(
+            deployment=cfg.name, num_gpus=len(self.gpus),
+            power_limit_range_w=(self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w),
+            default_power_limit_w=self.gpu_spec.default_power_limit_w, max_num_seqs=cfg.engine.max_num_seqs,
+            period_s=c.period_s, power_cap_w=c.power_cap_w, control_max_num_seqs=c.max_num_seqs,
+            params=dict(c.params)))
+        self.max_num_seqs = cfg.engine.max_num_seqs
+        # Telemetry state at the previous sample.
+        self.last_energy_j = [0.0] * len(self.gpus)
+        self.last_busy_s = [0.0] * len(self.gpus)
+        self.last_tokens = [0] * len(self.engines)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted and neither finished nor dropped."""
+        return len(self.requests) - len(self.completed) - len(self.dropped)
+
+    def submit(self, req: Request) -> None:
+        """Route an arriving request to a replica."""
+        self.requests.append(req)
+        if self.cfg.router == "round-robin":
+            engine = self.engines[self._rr % len(self.engines)]
+            self._rr += 1
+        else:
+            engine = min(self.engines, key=lambda e: e.outstanding)
+        engine.submit(req)
+
+    def _finished(self, req: Request) -> None:
+        self.completed.append(req)
+        self.window_finished.append(req)
+        if req.on_finish is not None:
+            req.on_finish(req)
+        if self.source.exhausted and self.outstanding == 0:
+            self.plant.check_done()
+
+    def _dropped(self, req: Request) -> None:
+        self.dropped.append(req)
+        if req.on_finish is not None:
+            req.on_finish(req)
+        if self.source.exhausted and self.outstanding == 0:
+            self.plant.check_done()
+
+    def apply(self, action: Action) -> None:
+        """Apply a controller's action: caps to every GPU (clamped to range), batch knob to every engine."""
+        caps = action.power_cap_w
+        if len(caps) != len(self.gpus):
+            raise ValueError(f"{self.name}: action has {len(caps)} caps for {len(self.gpus)} GPUs")
+        for gpu, cap in zip(self.gpus, caps, strict=True):
+            lo, hi = gpu.get_power_limit_range_w()
+            gpu.set_power_limit_w(min(max(float(cap), lo), hi))
+        self.max_num_seqs = max(1, int(action.max_num_seqs))
+        for engine in self.engines:
+            engine.set_max_num_seqs(self.max_num_seqs)
+
+
+@dataclass
+class Timeseries:
+    """Columnar per-period, per-GPU telemetry records."""
+
+    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in TIMESERIES_COLUMNS})
+
+    def add(self, **row: object) -> None:
+        """Append one row."""
+        for k, v in row.items():
+            self.columns[k].append(v)
+
+
+TIMESERIES_COLUMNS = ("time_s", "window_s", "deployment", "replica", "gpu", "power_w", "energy_j", "power_cap_w",
+                      "clock_mhz", "utilization", "batch", "max_num_seqs", "waiting", "throughput_tokens_per_s",
+                      "budget_w")
+
+
+@dataclass
+class RunResult:
+    """Plain records of one simulated run."""
+
+    scenario: Scenario
+    end_s: float
+    deployments: list[DeploymentRuntime]
+    timeseries: Timeseries
+    budget_windows: list[tuple[float, float, float]]  # (window end, total GPU power, budget) per period
+    sim_events: int
+    wall_s: float
+
+
+class SimPlant:
+    """Builds and runs the simulation of one scenario."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.env = CountingEnvironment()
+        self.budget = load_budget(scenario)
+        self._stop = self.env.event()
+        streams = np.random.SeedSequence(scenario.seed).spawn(len(scenario.deployments))
+        self.deployments: list[DeploymentRuntime] = []
+        gpu_index = 0
+        for i, dep in enumerate(scenario.deployments):
+            rt = DeploymentRuntime(self, i, dep, np.random.default_rng(streams[i]), gpu_index)
+            gpu_index += len(rt.gpus)
+            self.deployments.append(rt)
+        self.total_gpus = gpu_index
+        self.timeseries = Timeseries()
+        self.budget_windows: list[tuple[float, float, float]] = []
+        self._last_sample_s = 0.0
+        self.env.timeout(scenario.duration_s).callbacks.append(lambda _ev: self._stop_now())
+        self.env.process(self._control_loop())
+
+    def check_done(self) -> None:
+        """Stop once every finite workload is exhausted and fully served."""
+        if all(d.source.exhausted and d.outstanding == 0 for d in self.deployments):
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        if not self._stop.triggered:
+            self._stop.succeed()
+
+    def _budget_share(self, dep: DeploymentRuntime, total_budget: float) -> float:
+        return total_budget * len(dep.gpus) / self.total_gpus
+
+    def _control_loop(self):
+        period = self.scenario.control.period_s
+        # Apply the initial action at t=0 (before any telemetry), as a real loop would on start-up.
+        for dep in self.deployments:
+            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False)))
+        while True:
+            yield self.env.timeout(period)
+            self.sample(act=True)
+
+    def sample(self, act: bool) -> None:
+        """Record one telemetry window for every GPU; let each controller act when ``act``."""
+        now = self.env.now
+        window = now - self._last_sample_s
+        if window <= 0:
+            return
+        budget = self.budget.at(self._last_sample_s)
+        total_power = 0.0
+        for dep in self.deployments:
+            obs = self._observe(dep, window, record=True, budget=budget)
+            total_power += sum(obs.gpu_power_w)
+            if act:
+                dep.apply(dep.controller.decide(obs))
+        self.budget_windows.append((now, total_power, budget))
+        self._last_sample_s = now
+
+    def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float = math.inf) -> Observation:
+        now = self.env.now
+        powers: list[float] = []
+        ts = self.timeseries
+        n_per = dep.phys.par.num_gpus
+        tokens_total = 0.0
+        for r, engine in enumerate(dep.engines):
+            tokens = engine.tokens_generated_now()
+            d_tokens = tokens - dep.last_tokens[r]
+            dep.last_tokens[r] = tokens
+            tokens_total += d_tokens
+            tput = d_tokens / window if window > 0 else 0.0
+            batch, waiting = len(engine.running), len(engine.waiting)
+            for k in range(n_per):
+                g = r * n_per + k
+                gpu = dep.gpus[g]
+                energy = gpu.get_total_energy_j()
+                busy = gpu.get_busy_time_s()
+                power = (energy - dep.last_energy_j[g]) / window if window > 0 else gpu.get_power_w()
+                util = (busy - dep.last_busy_s[g]) / window if window > 0 else 0.0
+                dep.last_energy_j[g] = energy
+                dep.last_busy_s[g] = busy
+                powers.append(power)
+                if record:
+                    ts.add(time_s=now, window_s=window, deployment=dep.name, replica=r, gpu=gpu.index, power_w=power,
+                           energy_j=energy, power_cap_w=gpu.get_power_limit_w(), clock_mhz=gpu.get_sm_clock_mhz(),
+                           utilization=util, batch=batch, max_num_seqs=engine.max_num_seqs, waiting=waiting,
+                           throughput_tokens_per_s=tput, budget_w=budget)
+        finished = dep.window_finished
+        dep.window_finished = []
+        ttft = statistics.median([q.first_token_s - q.arrival_s for q in finished]) if finished else math.nan
+        tpots = [(q.finish_s - q.first_token_s) / (q.generated - 1) for q in finished if q.generated > 1]
+        return Observation(
+            time_s=now, window_s=window, deployment=dep.name,
+            output_tokens_per_s=tokens_total / window if window > 0 else 0.0,
+            gpu_power_w=tuple(powers), power_cap_w=tuple(g.get_power_limit_w() for g in dep.gpus),
+            power_limit_range_w=dep.gpus[0].get_power_limit_range_w(), max_num_seqs=dep.max_num_seqs,
+            queue_len=sum(len(e.waiting) for e in dep.engines), running=sum(len(e.running) for e in dep.engines),
+            ttft_p50_s=ttft, tpot_p50_s=statistics.median(tpots) if tpots else math.nan,
+            budget_w=self._budget_share(dep, budget))
+
+    def run(self) -> RunResult:
+        """Run to ``duration_s`` (or until a finite workload is served) and return the records."""
+        t0 = time.perf_counter()
+        self.env.run(until=self._stop)
+        self.sample(act=False)  # the last, possibly partial, window
+        for dep in self.deployments:
+            for engine in dep.engines:
+                for req in (*engine.running, *engine.waiting):
+                    req.drop_reason = "unfinished: still in the engine when the run ended"
+                    dep.dropped.append(req)
+        wall = time.perf_counter() - t0
+        return RunResult(self.scenario, self.env.now, self.deployments, self.timeseries, self.budget_windows,
+                         self.env.events, wall)
+
+
+def simulate(scenario: Scenario) -> RunResult:
+    """Build and run a scenario."""
+    return SimPlant(scenario).run()

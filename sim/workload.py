@@ -1,0 +1,284 @@
+"""Request sources: open-loop arrivals (Poisson, Gamma), closed-loop clients, static batches, trace replay.
+
+A request is a record (id, arrival_s, prompt_tokens, output_tokens) plus the engine's progress on it.
+Generated workloads draw from one seeded ``numpy.random.Generator`` per deployment; traces are read with
+errors that name the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from sim.errors import PalsError
+from sim.scenario import (
+    ClosedLoopWorkload,
+    ConstantTokens,
+    GammaWorkload,
+    LognormalTokens,
+    PoissonWorkload,
+    Scenario,
+    StaticBatchesWorkload,
+    TraceWorkload,
+    UniformTokens,
+)
+
+
+class TraceError(PalsError):
+    """A trace file that cannot be read."""
+
+
+class Request:
+    """One request and the engine's progress on it.
+
+    ``num_tokens`` is prompt plus generated tokens; ``computed`` the tokens whose KV is in the cache.
+    A step that brings ``computed`` up to ``num_tokens`` samples one new token.
+    """
+
+    __slots__ = ("arrival_s", "blocks", "computed", "deployment", "drop_reason", "finish_s", "first_token_s", "generated",
+                 "id", "on_finish", "output_tokens", "preemptions", "prompt_tokens", "replica")
+
+    def __init__(self, rid: int, arrival_s: float, prompt_tokens: int, output_tokens: int, deployment: str) -> None:
+        self.id = rid
+        self.arrival_s = arrival_s
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.deployment = deployment
+        self.replica = -1
+        self.computed = 0
+        self.blocks = 0
+        self.generated = 0
+        self.first_token_s = math.nan
+        self.finish_s = math.nan
+        self.preemptions = 0
+        self.drop_reason = ""
+        self.on_finish: Callable[[Request], None] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return self.prompt_tokens + self.generated
+
+    @property
+    def done(self) -> bool:
+        """All output tokens generated."""
+        return self.generated >= self.output_tokens
+
+
+def sample_tokens(dist: ConstantTokens | LognormalTokens | UniformTokens, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``n`` token counts."""
+    if isinstance(dist, ConstantTokens):
+        return np.full(n, dist.value, dtype=np.int64)
+    if isinstance(dist, UniformTokens):
+        return rng.integers(dist.low, dist.high + 1, size=n, dtype=np.int64)
+    x = np.rint(dist.median * np.exp(dist.sigma * rng.standard_normal(n)))
+    return np.clip(x, dist.min, dist.max).astype(np.int64)
+
+
+def open_loop_arrivals(w: PoissonWorkload | GammaWorkload, duration_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times in [0, duration_s) (at most ``w.requests``)."""
+    limit = w.requests if w.requests is not None else math.inf
+    mean_gap = 1.0 / w.rate_per_s
+    times: list[np.ndarray] = []
+    t0, count = 0.0, 0
+    chunk = int(min(limit, max(64, 1.2 * duration_s * w.rate_per_s + 64)))
+    while t0 < duration_s and count < limit:
+        if isinstance(w, GammaWorkload):
+            shape = 1.0 / (w.cv**2)
+            gaps = rng.gamma(shape, mean_gap / shape, size=chunk)
+        else:
+            gaps = rng.exponential(mean_gap, size=chunk)
+        t = t0 + np.cumsum(gaps)
+        times.append(t)
+        t0 = float(t[-1])
+        count += chunk
+    arr = np.concatenate(times) if times else np.empty(0)
+    arr = arr[arr < duration_s]
+    return arr[: int(min(limit, len(arr)))]
+
+
+# ----- traces -------------------------------------------------------------------------------------------
+def _require_columns(df: pd.DataFrame, cols: list[str], path: Path) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(cols)}")
+
+
+def _check_rows(df: pd.DataFrame, path: Path, line_offset: int) -> None:
+    for col in ("arrival_s", "prompt_tokens", "output_tokens"):
+        bad = df[col].isna() | (df[col] < (0 if col == "arrival_s" else 1))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise TraceError(f"{path}: line {i + line_offset}: {col} must be a "
+                             f"{'non-negative number' if col == 'arrival_s' else 'positive integer'}, "
+                             f"got {df[col].iloc[i]!r}")
+
+
+def load_trace(path: str | Path, fmt: str) -> pd.DataFrame:
+    """Read a trace as a DataFrame ``arrival_s, prompt_tokens, output_tokens`` sorted by arrival (from 0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: trace file not found")
+    if fmt == "mooncake":
+        rows = []
+        with path.open() as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    rows.append((float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"])))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    raise TraceError(f"{path}: line {lineno}: expected a JSON object with timestamp (ms), "
+                                     f"input_length, output_length ({type(exc).__name__}: {exc})") from None
+        df = pd.DataFrame(rows, columns=["arrival_s", "prompt_tokens", "output_tokens"])
+        _check_rows(df, path, 1)
+    else:
+        try:
+            raw = pd.read_csv(path, skip_blank_lines=True)
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise TraceError(f"{path}: not a readable CSV ({exc})") from None
+        if fmt == "azure":
+            _require_columns(raw, ["TIMESTAMP", "ContextTokens", "GeneratedTokens"], path)
+            ts = pd.to_datetime(raw["TIMESTAMP"], errors="coerce", format="mixed")
+            if ts.isna().any():
+                i = int(np.flatnonzero(ts.isna().to_numpy())[0])
+                raise TraceError(f"{path}: line {i + 2}: TIMESTAMP {raw['TIMESTAMP'].iloc[i]!r} is not a date-time")
+            arrival = (ts - ts.min()).dt.total_seconds()
+            df = pd.DataFrame({"arrival_s": arrival,
+                               "prompt_tokens": pd.to_numeric(raw["ContextTokens"], errors="coerce"),
+                               "output_tokens": pd.to_numeric(raw["GeneratedTokens"], errors="coerce")})
+        else:
+            _require_columns(raw, ["arrival_s", "prompt_tokens", "output_tokens"], path)
+            df = pd.DataFrame({c: pd.to_numeric(raw[c], errors="coerce")
+                               for c in ("arrival_s", "prompt_tokens", "output_tokens")})
+        _check_rows(df, path, 2)
+    if df.empty:
+        raise TraceError(f"{path}: the trace holds no requests")
+    df = df.sort_values("arrival_s", kind="stable").reset_index(drop=True)
+    df["arrival_s"] = df["arrival_s"] - df["arrival_s"].iloc[0]
+    df["prompt_tokens"] = df["prompt_tokens"].astype(np.int64)
+    df["output_tokens"] = df["output_tokens"].astype(np.int64)
+    return df
+
+
+# ----- sources as SimPy processes ------------------------------------------------------------------------
+Submit = Callable[[Request], None]
+
+
+class RequestSource:
+    """Feeds one deployment's requests into ``submit`` as a SimPy process.
+
+    ``exhausted`` becomes True once no further request will ever be issued.
+    """
+
+    def __init__(self, env: simpy.Environment, scenario: Scenario, deployment_index: int, submit: Submit,
+                 rng: np.random.Generator) -> None:
+        self.env = env
+        self.dep = scenario.deployments[deployment_index]
+        self.scenario = scenario
+        self.submit = submit
+        self.rng = rng
+        self.issued = 0
+        self.events = 0  # SimPy events this source scheduled
+        self.exhausted = False
+        self.on_exhausted: Callable[[], None] | None = None
+        w = self.dep.workload
+        if isinstance(w, PoissonWorkload | GammaWorkload):
+            arrivals = open_loop_arrivals(w, scenario.duration_s, rng)
+            prompts = sample_tokens(w.prompt_tokens, len(arrivals), rng)
+            outputs = sample_tokens(w.output_tokens, len(arrivals), rng)
+            env.process(self._replay(arrivals, prompts, outputs))
+        elif isinstance(w, TraceWorkload):
+            df = load_trace(scenario.resolve_path(w.path), w.format)
+            if w.requests is not None:
+                df = df.iloc[: w.requests]
+            arrivals = df["arrival_s"].to_numpy() * w.time_scale
+            keep = arrivals < scenario.duration_s
+            env.process(self._replay(arrivals[keep], df["prompt_tokens"].to_numpy()[keep],
+                                     df["output_tokens"].to_numpy()[keep]))
+        elif isinstance(w, ClosedLoopWorkload):
+            self._remaining = w.requests if w.requests is not None else math.inf
+            self._active_clients = w.clients
+            for _ in range(w.clients):
+                self._closed_issue(delay=0.0)
+        elif isinstance(w, StaticBatchesWorkload):
+            self._remaining = w.requests if w.requests is not None else math.inf
+            self._outstanding = 0
+            self._static_batch()
+        else:  # pragma: no cover - the schema admits nothing else
+            raise TypeError(f"unknown workload {w!r}")
+
+    def _new(self, arrival_s: float, prompt: int, output: int) -> Request:
+        req = Request(self.issued, arrival_s, int(prompt), int(output), self.dep.name)
+        self.issued += 1
+        return req
+
+    def _finish_source(self) -> None:
+        self.exhausted = True
+        if self.on_exhausted is not None:
+            self.on_exhausted()
+
+    def _replay(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray):
+        env = self.env
+        for t, p, o in zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True):
+            if t > env.now:
+                self.events += 1
+                yield env.timeout(t - env.now)
+            self.submit(self._new(env.now, p, o))
+        self._finish_source()
+
+    # closed loop: each finished request schedules its client's next one
+    def _closed_issue(self, delay: float) -> None:
+        if self._remaining <= 0 or self.env.now + delay >= self.scenario.duration_s:
+            self._active_clients -= 1
+            if self._active_clients == 0:
+                self._finish_source()
+            return
+        self._remaining -= 1
+        w = self.dep.workload
+        prompt = int(sample_tokens(w.prompt_tokens, 1, self.rng)[0])
+        output = int(sample_tokens(w.output_tokens, 1, self.rng)[0])
+
+        def fire(_event: simpy.Event | None = None) -> None:
+            req = self._new(self.env.now, prompt, output)
+            req.on_finish = self._closed_done
+            self.submit(req)
+
+        if delay > 0:
+            self.events += 1
+            self.env.timeout(delay).callbacks.append(fire)
+        else:
+            fire()
+
+    def _closed_done(self, _req: Request) -> None:
+        w = self.dep.workload
+        think = float(self.rng.exponential(w.think_time_s)) if w.think_time_s > 0 else 0.0
+        self._closed_issue(think)
+
+    # static batches: the next batch when every request of the previous one has finished
+    def _static_batch(self) -> None:
+        w = self.dep.workload
+        n = int(min(w.batch_size, self._remaining))
+        if n <= 0 or self.env.now >= self.scenario.duration_s:
+            self._finish_source()
+            return
+        self._remaining -= n
+        prompts = sample_tokens(w.prompt_tokens, n, self.rng)
+        outputs = sample_tokens(w.output_tokens, n, self.rng)
+        self._outstanding = n
+        for p, o in zip(prompts.tolist(), outputs.tolist(), strict=True):
+            req = self._new(self.env.now, p, o)
+            req.on_finish = self._static_done
+            self.submit(req)
+
+    def _static_done(self, _req: Request) -> None:
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._static_batch()

@@ -14,6 +14,7 @@ next iteration boundary. ``stepping: iteration`` keeps one event per iteration a
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,14 @@ from sim.workload import Request
 
 
 class Engine:
-    """One replica: a scheduler, a KV cache, and the GPUs it runs on."""
+    """One replica: a scheduler, a KV cache, and the GPUs it runs on.
+
+    Every step advances every decoding request by one token, so the engine keeps one iteration counter
+    ``G`` and stores each decoding request's progress as offsets from it (``computed = decode_base + G``);
+    a heap orders decoding requests by the ``G`` at which they finish. A step then costs time in the
+    number of prefilling and finishing requests, not in the batch size. KV-cache occupancy is counted in
+    tokens plus one block of slack per sequence (an upper bound of the paged allocation).
+    """
 
     def __init__(self, env: simpy.Environment, phys: ReplicaPhysics, gpus: list[SimGpu], *, replica: int,
                  max_num_seqs: int, max_num_batched_tokens: int, block_size: int, kv_capacity_tokens: int,
@@ -35,23 +43,32 @@ class Engine:
         self.env = env
         self.phys = phys
         self.gpus = gpus
+        self.ledger = gpus[0].ledger
+        if any(g.ledger is not self.ledger for g in gpus):
+            raise ValueError("the GPUs of one replica must share one activity ledger")
         self.replica = replica
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.block_size = block_size
-        self.total_blocks = kv_capacity_tokens // block_size
-        self.used_blocks = 0
+        self.kv_capacity_tokens = kv_capacity_tokens
         self.max_model_len = max_model_len
         self.iteration_stepping = iteration_stepping
         self.on_finish = on_finish
         self.on_drop = on_drop
+        self._window = phys.model.sliding_window
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.prefilling: list[Request] = []  # running, prompt (or recompute) not fully in the cache; admission order
+        self.decoding: dict[int, Request] = {}  # running, one token per step
+        self._finish_heap: list[tuple[int, int, Request]] = []  # (G at which it finishes, admit_seq, request)
+        self.G = 0  # decode iterations run
+        self._sum_base = 0  # sum of decode_base over decoding requests
+        self._prefill_computed = 0  # sum of computed over prefilling requests
+        self._admit_seq = 0
         # The stretch in flight.
         self._stretch: Stretch | None = None
         self._start_s = 0.0
-        self._prefills: list[tuple[Request, int]] = []  # (request, chunk) of a prefill-carrying step
-        self._decodes: list[Request] = []
+        self._chunks: list[tuple[Request, int]] = []  # (request, chunk) of a prefill-carrying step
+        self._n_dec = 0  # decoding requests in the stretch in flight
         self._token = 0  # identity of the pending end-of-stretch event; stale events carry an older one
         self._iter_done = 0  # iteration mode: iterations finished in the current stretch
         self._replan = False  # iteration mode: end the stretch at the next iteration boundary
@@ -59,6 +76,7 @@ class Engine:
         self.iterations = 0  # engine iterations run
         self.preemptions = 0
         self.timer_events = 0  # SimPy events this engine scheduled
+        self._cap = min(g.get_power_limit_w() for g in gpus)  # lockstep ranks: the lowest cap binds
         for gpu in gpus:
             gpu.on_limit_change(self._on_cap_change)
 
@@ -71,209 +89,212 @@ class Engine:
             req.drop_reason = f"too_long: prompt+output={total} exceeds max_model_len={self.max_model_len}"
             self.on_drop(req)
             return
-        if self._blocks(total) > self.total_blocks:
-            req.drop_reason = (f"too_long: prompt+output={total} needs more KV blocks than the cache holds "
-                               f"({self.total_blocks} x {self.block_size} tokens)")
+        if total + self.block_size > self.kv_capacity_tokens:
+            req.drop_reason = (f"too_long: prompt+output={total} does not fit the KV cache "
+                               f"({self.kv_capacity_tokens} tokens)")
             self.on_drop(req)
             return
         self.waiting.append(req)
         if self._stretch is None:
             self._plan()
-        elif self._decodes and not self._prefills and self._can_admit():
+        elif not self._chunks and self._can_admit():
             self._end_early()
 
     def set_max_num_seqs(self, n: int) -> None:
-        """Change the batch knob; takes effect at the next step."""
+        """Change the batch knob: admissions follow it from the next step; running requests are not evicted."""
         if n == self.max_num_seqs:
             return
         self.max_num_seqs = n
-        if self._stretch is not None and self._decodes and not self._prefills and self._can_admit():
+        if self._stretch is not None and not self._chunks and self._can_admit():
             self._end_early()
 
     def _on_cap_change(self, _gpu: SimGpu) -> None:
-        if self._stretch is not None and not self._prefills:
+        self._cap = min(g.get_power_limit_w() for g in self.gpus)
+        if self._stretch is not None and not self._chunks:
             self._end_early()
 
     # ----- telemetry --------------------------------------------------------------------------------------
     @property
+    def num_running(self) -> int:
+        """Requests admitted and not finished."""
+        return len(self.prefilling) + len(self.decoding)
+
+    @property
     def outstanding(self) -> int:
         """Requests waiting or running."""
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.prefilling) + len(self.decoding)
 
     def tokens_generated_now(self) -> int:
-        """Output tokens sampled up to the current time, counting finished iterations of the stretch in flight."""
-        if self._stretch is None or self._prefills:
+        """Output tokens sampled up to now, counting finished iterations of the stretch in flight."""
+        if self._stretch is None or self._chunks:
             return self.tokens_generated
         done = self._stretch.iterations_done_by(self.env.now - self._start_s)
-        return self.tokens_generated + done * len(self._decodes)
+        return self.tokens_generated + done * self._n_dec
 
-    def batch_size_now(self) -> int:
-        """Sequences in the step running now (0 when idle)."""
-        return len(self._decodes) + len(self._prefills) if self._stretch is not None else 0
+    def unfinished_requests(self) -> list[Request]:
+        """Running and waiting requests, their progress written back (for the records at the end of a run)."""
+        for req in self.decoding.values():
+            self._materialize(req)
+        return [*self.prefilling, *self.decoding.values(), *self.waiting]
 
-    # ----- KV blocks --------------------------------------------------------------------------------------
-    def _blocks(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+    # ----- bookkeeping ------------------------------------------------------------------------------------
+    def _materialize(self, req: Request) -> None:
+        req.computed = req.decode_base + self.G
+        req.generated = req.gen_base + self.G
 
-    def _free_blocks(self) -> int:
-        return self.total_blocks - self.used_blocks
-
-    def _reserve(self, req: Request, tokens: int) -> None:
-        nb = self._blocks(tokens)
-        self.used_blocks += nb - req.blocks
-        req.blocks = nb
-
-    def _release(self, req: Request) -> None:
-        self.used_blocks -= req.blocks
-        req.blocks = 0
+    def _occupancy(self) -> int:
+        """KV tokens held (plus one block of slack per running sequence)."""
+        n_dec = len(self.decoding)
+        return (self._prefill_computed + self._sum_base + n_dec * self.G
+                + (len(self.prefilling) + n_dec) * self.block_size)
 
     def _can_admit(self) -> bool:
-        if not self.waiting or len(self.running) >= self.max_num_seqs:
+        if not self.waiting or self.num_running >= self.max_num_seqs:
             return False
         head = self.waiting[0]
-        chunk = min(head.num_tokens - head.computed, self.token_budget)
-        return self._blocks(head.computed + chunk) - head.blocks <= self._free_blocks()
+        chunk = min(head.num_tokens - head.computed, self.token_budget - len(self.decoding))
+        return chunk > 0 and self._occupancy() + chunk + self.block_size <= self.kv_capacity_tokens
 
-    def _preempt_last(self) -> Request:
-        victim = self.running.pop()
-        self._release(victim)
+    def _enter_decode(self, req: Request) -> None:
+        req.in_decode = True
+        req.decode_base = req.computed - self.G
+        req.gen_base = req.generated - self.G
+        self._sum_base += req.decode_base
+        self.decoding[req.id] = req
+        heapq.heappush(self._finish_heap, (req.output_tokens - req.gen_base, req.admit_seq, req))
+
+    def _leave_decode(self, req: Request) -> None:
+        self._materialize(req)
+        req.in_decode = False
+        self._sum_base -= req.decode_base
+        del self.decoding[req.id]
+
+    def _preempt_last(self) -> None:
+        """Recompute preemption of the most recently admitted running request."""
+        victim = self.prefilling[-1] if self.prefilling else None
+        for req in self.decoding.values():
+            if victim is None or req.admit_seq > victim.admit_seq:
+                victim = req
+        assert victim is not None
+        if victim.in_decode:
+            self._leave_decode(victim)
+        else:
+            self.prefilling.remove(victim)
+            self._prefill_computed -= victim.computed
         victim.computed = 0
         victim.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
-        return victim
 
     # ----- scheduling -------------------------------------------------------------------------------------
     def _plan(self) -> None:
         """Choose the next step (or stretch) and start it."""
-        budget = self.token_budget
-        decodes: list[Request] = []
-        prefills: list[tuple[Request, int]] = []
         preempted = False
-        i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            todo = req.num_tokens - req.computed
-            n = 1 if todo == 1 else min(todo, budget)
-            if n <= 0:
-                i += 1
-                continue
-            need = self._blocks(req.computed + n) - req.blocks
-            self_preempted = False
-            while need > self._free_blocks():
-                victim = self._preempt_last()  # the most recently admitted, always at or after index i
-                preempted = True
-                if victim is req:
-                    self_preempted = True
+        while True:
+            n_dec = len(self.decoding)
+            budget = self.token_budget - n_dec
+            growth = n_dec
+            chunks: list[tuple[Request, int]] = []
+            for req in self.prefilling:
+                c = min(req.num_tokens - req.computed, budget)
+                if c <= 0:
                     break
-            if self_preempted:
+                chunks.append((req, c))
+                budget -= c
+                growth += c
+            occupancy = self._occupancy()
+            if occupancy + growth <= self.kv_capacity_tokens or self.num_running <= 1:
                 break
-            self._reserve(req, req.computed + n)
-            budget -= n
-            if todo == 1:
-                decodes.append(req)
-            else:
-                prefills.append((req, n))
-            i += 1
+            self._preempt_last()
+            preempted = True
         if not preempted:
-            while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            cap = self.kv_capacity_tokens - self.block_size
+            while self.waiting and self.num_running < self.max_num_seqs and budget > 0:
                 req = self.waiting[0]
-                n = min(req.num_tokens - req.computed, budget)
-                if self._blocks(req.computed + n) - req.blocks > self._free_blocks():
+                c = min(req.num_tokens - req.computed, budget)
+                if occupancy + growth + c > cap:
                     break
                 self.waiting.popleft()
-                self.running.append(req)
-                self._reserve(req, req.computed + n)
-                budget -= n
-                if req.num_tokens - req.computed == 1:
-                    decodes.append(req)
-                else:
-                    prefills.append((req, n))
-        if not decodes and not prefills:
-            self._stretch = None
-            for gpu in self.gpus:
-                gpu.begin_segment(None)
-            return
-        self._decodes, self._prefills = decodes, prefills
-        if prefills:
-            self._start(self._mixed_step(decodes, prefills))
+                req.admit_seq = self._admit_seq
+                self._admit_seq += 1
+                self.prefilling.append(req)
+                self._prefill_computed += req.computed
+                occupancy += self.block_size
+                chunks.append((req, c))
+                budget -= c
+                growth += c
+        self._chunks = chunks
+        self._n_dec = n_dec
+        if chunks:
+            self._start(self._mixed_step(n_dec, chunks))
+        elif n_dec:
+            self._start(self._decode_stretch(n_dec, occupancy))
         else:
-            self._start(self._decode_stretch(decodes))
+            self._stretch = None
+            self.ledger.begin(None)
 
     def _cap_w(self) -> float:
-        return min(g.get_power_limit_w() for g in self.gpus)
+        return self._cap
 
-    def _windowed(self, ctx: int) -> int:
-        w = self.phys.model.sliding_window
-        return min(ctx, w) if w else 0
+    def _decode_windowed(self) -> int:
+        w = self._window
+        if not w:
+            return 0
+        g = self.G + 1
+        return sum(min(r.decode_base + g, w) for r in self.decoding.values())
 
-    def _mixed_step(self, decodes: list[Request], prefills: list[tuple[Request, int]]) -> Stretch:
-        pairs = kv = 0.0
-        pairs_w = kv_w = 0.0
-        for r in decodes:
-            ctx = r.computed + 1
-            pairs += ctx
-            kv += ctx
-            pairs_w += self._windowed(ctx)
-            kv_w += self._windowed(ctx)
-        logits = len(decodes)
-        for r, c in prefills:
+    def _mixed_step(self, n_dec: int, chunks: list[tuple[Request, int]]) -> Stretch:
+        ctx = self._sum_base + n_dec * (self.G + 1)  # every decode attends its cache plus itself
+        pairs = kv = float(ctx)
+        pairs_w = kv_w = float(self._decode_windowed())
+        logits = n_dec
+        tokens = n_dec
+        w = self._window
+        for r, c in chunks:
             s = r.computed
             pairs += c * s + c * (c + 1) / 2.0
             kv += s + c
-            pairs_w += c * self._windowed(s + (c + 1) // 2)
-            kv_w += self._windowed(s + c)
+            if w:
+                pairs_w += c * min(s + (c + 1) / 2.0, w)
+                kv_w += min(s + c, w)
             if s + c == r.num_tokens:
                 logits += 1
-        n_tokens = len(decodes) + sum(c for _, c in prefills)
-        work = self.phys.step_work(n_tokens, logits, len(decodes) + len(prefills), pairs, kv, pairs_w, kv_w)
+            tokens += c
+        work = self.phys.step_work(tokens, logits, n_dec + len(chunks), pairs, kv, pairs_w, kv_w)
         clock = self.phys.clock_for_cap((work,), self._cap_w())
         return Stretch(self.phys, work, 0.0, 0.0, clock, 1)
 
-    def _decode_stretch(self, decodes: list[Request]) -> Stretch:
-        n = len(decodes)
-        k = min(r.output_tokens - r.generated for r in decodes)
-        # KV blocks for k more tokens per sequence; shorten the stretch when the cache would overflow.
-        free = self._free_blocks()
-        bs = self.block_size
-        if n * (k // bs + 1) > free:
-            def extra(m: int) -> int:
-                return sum(self._blocks(r.computed + m) - r.blocks for r in decodes)
-            lo, hi = 1, k  # extra(1) fits: it was reserved by _plan
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if extra(mid) <= free:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            k = lo
-        for r in decodes:
-            self._reserve(r, r.computed + k)
-        ctx = sum(r.computed for r in decodes) + n
-        ctx_w = sum(self._windowed(r.computed + 1) for r in decodes)
-        work0 = self.phys.step_work(n, n, n, ctx, ctx, ctx_w, ctx_w)
-        c1 = self.phys.attn_compute_s(n)
-        m1 = self.phys.kv_read_s(n)
+    def _decode_stretch(self, n: int, occupancy: int) -> Stretch:
+        heap = self._finish_heap
+        while heap and not (heap[0][2].in_decode and heap[0][2].admit_seq == heap[0][1]):
+            heapq.heappop(heap)  # stale: preempted since it was pushed
+        k = heap[0][0] - self.G
+        k = max(1, min(k, (self.kv_capacity_tokens - occupancy) // n))
+        ctx = self._sum_base + n * (self.G + 1)
+        ctx_w = self._decode_windowed()
+        phys = self.phys
+        work0 = phys.step_work(n, n, n, ctx, ctx, ctx_w, ctx_w)
+        c1 = phys.attn_compute_s(n)
+        m1 = phys.kv_read_s(n)
         cap = self._cap_w()
         if k > 1:
             last = StepWork(work0.compute_s + c1 * (k - 1), work0.memory_s + m1 * (k - 1), work0.fixed_s)
-            clock = self.phys.clock_for_cap((work0, last), cap)
+            clock = phys.clock_for_cap((work0, last), cap)
         else:
-            clock = self.phys.clock_for_cap((work0,), cap)
-        return Stretch(self.phys, work0, c1, m1, clock, k)
+            clock = phys.clock_for_cap((work0,), cap)
+        return Stretch(phys, work0, c1, m1, clock, k)
 
     def _start(self, stretch: Stretch) -> None:
         self._stretch = stretch
         self._start_s = self.env.now
         self._iter_done = 0
         self._replan = False
-        for gpu in self.gpus:
-            gpu.begin_segment(stretch)
+        self.ledger.begin(stretch)
         self._token += 1
         if self.iteration_stepping:
             self._schedule(stretch.iter_time(0))
         else:
-            self._schedule(stretch.time_of(stretch.iterations))
+            self._schedule(stretch.total_time_s())
 
     def _schedule(self, delay: float) -> None:
         token = self._token
@@ -295,9 +316,9 @@ class Engine:
             m += 1
         if m >= s.iterations:
             return
-        s.iterations = m
+        s.truncate(m)
         self._token += 1
-        self._schedule(self._start_s + s.time_of(m) - self.env.now)
+        self._schedule(self._start_s + s.total_time_s() - self.env.now)
 
     def _on_timer(self, token: int) -> None:
         if token != self._token:
@@ -310,7 +331,7 @@ class Engine:
                 self._token += 1
                 self._schedule(s.iter_time(self._iter_done))
                 return
-            s.iterations = self._iter_done
+            s.truncate(self._iter_done)
         self._finish_stretch(s.iterations)
         self._plan()
 
@@ -318,31 +339,34 @@ class Engine:
         now = self.env.now
         self.iterations += m
         finished: list[Request] = []
-        for req in self._decodes:
-            req.computed += m
-            self._sample(req, m, now)
-            self._reserve(req, req.computed)
-            if req.generated >= req.output_tokens:
-                finished.append(req)
-        for req, chunk in self._prefills:
-            req.computed += chunk
+        if self._n_dec:
+            self.G += m
+            self.tokens_generated += self._n_dec * m
+            heap = self._finish_heap
+            while heap and heap[0][0] <= self.G:
+                _, seq, req = heapq.heappop(heap)
+                if req.in_decode and req.admit_seq == seq:
+                    self._leave_decode(req)
+                    finished.append(req)
+        for req, c in self._chunks:
+            req.computed += c
+            self._prefill_computed += c
             if req.computed == req.num_tokens:
-                self._sample(req, 1, now)
+                self.prefilling.remove(req)
+                self._prefill_computed -= req.computed
+                if req.generated == 0:
+                    req.first_token_s = now
+                req.generated += 1
+                self.tokens_generated += 1
                 if req.generated >= req.output_tokens:
                     finished.append(req)
+                else:
+                    self._enter_decode(req)
         self._stretch = None
-        self._decodes, self._prefills = [], []
+        self._chunks = []
         for req in finished:
-            self.running.remove(req)
-            self._release(req)
             req.finish_s = now
             self.on_finish(req)
-
-    def _sample(self, req: Request, n: int, now: float) -> None:
-        if req.generated == 0:
-            req.first_token_s = now
-        req.generated += n
-        self.tokens_generated += n
 
 
 def kv_capacity_tokens(phys: ReplicaPhysics, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
@@ -366,4 +390,4 @@ def kv_capacity_tokens(phys: ReplicaPhysics, gpu_memory_utilization: float, max_
     per_token = phys.kv_bytes_per_token_per_gpu
     if per_token <= 0:
         return 10**12
-    return int(math.floor(free / per_token)) * par.data
+    return math.floor(free / per_token) * par.data

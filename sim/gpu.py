@@ -53,39 +53,84 @@ class Gpu(Protocol):
         """Fraction of time busy in the last sample period (0-1)."""
 
 
-class _Segment:
-    """What the GPU is doing from ``start_s`` on: idle at constant power, or a ``Stretch``."""
+class ActivityLedger:
+    """What the GPUs of one replica are doing over time, and the energy each has used.
 
-    __slots__ = ("clock", "idle_power_w", "start_s", "stretch")
+    The ranks of a replica run the same steps in lockstep (the step waits for the busiest rank), so they
+    share one ledger: a sequence of segments, each idle (constant power) or a ``Stretch`` (closed-form
+    energy). Energy to any instant is exact.
+    """
 
-    def __init__(self, start_s: float, stretch: Stretch | None, idle_power_w: float, clock: float) -> None:
-        self.start_s = start_s
-        self.stretch = stretch
-        self.idle_power_w = idle_power_w
-        self.clock = clock
+    def __init__(self, env: simpy.Environment, spec: GpuSpec) -> None:
+        self.env = env
+        self.idle_power_w = spec.idle_power_w
+        self.idle_clock = spec.min_clock_fraction
+        self._start_s = env.now
+        self._stretch: Stretch | None = None
+        self._closed_energy_j = 0.0
+        self._closed_busy_s = 0.0
+        self._memo_t = -1.0
+        self._memo_e = 0.0
 
-    def energy_until(self, t: float) -> float:
-        dt = t - self.start_s
+    def begin(self, stretch: Stretch | None) -> None:
+        """A stretch (or idleness, with ``None``) starts now; the previous segment closes."""
+        now = self.env.now
+        self._closed_energy_j += self._segment_energy(now)
+        if self._stretch is not None:
+            self._closed_busy_s += min(now - self._start_s, self._stretch.total_time_s())
+        self._start_s = now
+        self._stretch = stretch
+
+    def _segment_energy(self, t: float) -> float:
+        dt = t - self._start_s
         if dt <= 0:
             return 0.0
-        if self.stretch is None:
+        s = self._stretch
+        if s is None:
             return self.idle_power_w * dt
-        return self.stretch.energy_by(dt)
+        total = s.total_time_s()
+        if dt >= total * (1.0 - 1e-12):  # finished stretch (to rounding), then idle until t
+            return s.total_energy_j() + self.idle_power_w * max(0.0, dt - total)
+        return s.energy_by(dt)
 
-    def power_at(self, t: float) -> float:
-        if self.stretch is None:
+    def energy_j(self) -> float:
+        """Energy of one GPU since the start, up to now."""
+        now = self.env.now
+        if now != self._memo_t:
+            self._memo_t = now
+            self._memo_e = self._closed_energy_j + self._segment_energy(now)
+        return self._memo_e
+
+    def busy_s(self) -> float:
+        """Time spent running steps since the start, up to now."""
+        busy = self._closed_busy_s
+        if self._stretch is not None:
+            busy += min(self.env.now - self._start_s, self._stretch.total_time_s())
+        return busy
+
+    def power_w(self) -> float:
+        """Power of the iteration running now (idle power between steps)."""
+        s = self._stretch
+        if s is None:
             return self.idle_power_w
-        s = self.stretch
-        m = s.iterations_done_by(t - self.start_s)
+        m = s.iterations_done_by(self.env.now - self._start_s)
         if m >= s.iterations:
             return self.idle_power_w
         return s.iter_energy(m) / s.iter_time(m)
+
+    def clock(self) -> float:
+        """SM clock fraction now (idle parks at the lowest clock)."""
+        s = self._stretch
+        if s is None or self.env.now - self._start_s >= s.total_time_s():
+            return self.idle_clock
+        return s.clock
 
 
 class SimGpu:
     """A simulated GPU: same interface as the NVML one, driven by the simulated engine."""
 
-    def __init__(self, env: simpy.Environment, spec: GpuSpec, index: int, actuation_delay_s: float = 0.1) -> None:
+    def __init__(self, env: simpy.Environment, spec: GpuSpec, index: int, actuation_delay_s: float = 0.1,
+                 ledger: ActivityLedger | None = None) -> None:
         self.env = env
         self.spec = spec
         self.index = index
@@ -93,9 +138,7 @@ class SimGpu:
         self.actuation_delay_s = actuation_delay_s
         self._limit_w = spec.default_power_limit_w
         self._requested_w = self._limit_w
-        self._energy_closed_j = 0.0
-        self._segment = _Segment(env.now, None, spec.idle_power_w, spec.min_clock_fraction)
-        self._busy_s_closed = 0.0
+        self.ledger = ledger or ActivityLedger(env, spec)
         self._listeners: list[Callable[[SimGpu], None]] = []
 
     # ----- power limit ----------------------------------------------------------------------------------
@@ -140,36 +183,22 @@ class SimGpu:
         """Call ``listener(gpu)`` whenever a new limit takes effect (the engine re-plans its clock)."""
         self._listeners.append(listener)
 
-    # ----- activity, energy, telemetry -------------------------------------------------------------------
-    def begin_segment(self, stretch: Stretch | None) -> None:
-        """The engine starts a stretch (or goes idle with ``None``) now."""
-        now = self.env.now
-        seg = self._segment
-        self._energy_closed_j += seg.energy_until(now)
-        if seg.stretch is not None:
-            self._busy_s_closed += min(now - seg.start_s, seg.stretch.time_of(seg.stretch.iterations))
-        clock = stretch.clock if stretch is not None else self.spec.min_clock_fraction
-        self._segment = _Segment(now, stretch, self.spec.idle_power_w, clock)
-
+    # ----- energy and telemetry (from the replica's activity ledger) -------------------------------------
     def get_total_energy_j(self) -> float:
         """Energy since creation, exact to the current simulated time."""
-        return self._energy_closed_j + self._segment.energy_until(self.env.now)
+        return self.ledger.energy_j()
 
     def get_power_w(self) -> float:
         """Power of the iteration running now (idle power between steps)."""
-        return self._segment.power_at(self.env.now)
+        return self.ledger.power_w()
 
     def get_sm_clock_mhz(self) -> float:
         """Current SM clock (the governor's choice; idle parks at the lowest clock)."""
-        return self._segment.clock * self.spec.sm_clock_max_mhz
+        return self.ledger.clock() * self.spec.sm_clock_max_mhz
 
     def get_busy_time_s(self) -> float:
         """Cumulative time spent running engine steps."""
-        seg = self._segment
-        busy = self._busy_s_closed
-        if seg.stretch is not None:
-            busy += min(self.env.now - seg.start_s, seg.stretch.time_of(seg.stretch.iterations))
-        return busy
+        return self.ledger.busy_s()
 
     def get_utilization(self) -> float:
         """Busy fraction since creation (the plant differentiates it per window)."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.plant import RunResult
+from sim.plant import TIMESERIES_COLUMNS, RunResult
 
 REQUEST_COLUMNS = ("deployment", "request_id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
                    "output_tokens", "generated_tokens", "preemptions", "status", "drop_reason")
@@ -40,8 +40,20 @@ def requests_frame(result: RunResult) -> pd.DataFrame:
 
 
 def timeseries_frame(result: RunResult) -> pd.DataFrame:
-    """One row per control period and GPU."""
-    return pd.DataFrame(result.timeseries.columns)
+    """One row per control period and GPU (the ranks of a replica share power, clock, batch and throughput)."""
+    rec = result.timeseries.columns
+    reps = np.asarray(rec["num_gpus"], dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    for name in TIMESERIES_COLUMNS:
+        if name == "gpu":
+            first = np.repeat(np.asarray(rec["first_gpu"], dtype=np.int64), reps)
+            starts = np.repeat(np.cumsum(reps) - reps, reps)
+            out[name] = first + (np.arange(int(reps.sum())) - starts)
+        elif name == "power_cap_w":
+            out[name] = np.asarray([c for caps in rec["power_cap_w"] for c in caps], dtype=float)
+        else:
+            out[name] = np.repeat(np.asarray(rec[name]), reps)
+    return pd.DataFrame(out)
 
 
 def _pct(x: np.ndarray, q: float) -> float:

@@ -199,7 +199,13 @@ class ReplicaPhysics:
 
         Returns the max clock (1.0) when the natural draw fits; the minimum clock when nothing fits.
         """
-        if all(self.step_power_w(w, 1.0) <= cap_w for w in works):
+        g = self.gpu
+        p_full = g.idle_power_w + g.active_base_power_w  # static power at the max clock
+        for w in works:  # natural draw at the max clock (inlined: the common, uncapped case)
+            t = (w.compute_s if w.compute_s > w.memory_s else w.memory_s) + w.fixed_s
+            if p_full + (g.compute_power_w * w.compute_s + g.memory_power_w * w.memory_s) / t > cap_w:
+                break
+        else:
             return 1.0
         lo, hi = self.gpu.min_clock_fraction, 1.0
         if any(self.step_power_w(w, lo) > cap_w for w in works):
@@ -244,8 +250,8 @@ class Stretch:
     A prefill-carrying step is a stretch of one iteration with zero slopes.
     """
 
-    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m", "_p_static", "c0", "c1", "clock", "iterations",
-                 "m0", "m1", "x")
+    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m", "_memo", "_p_static", "_total_e", "_total_t", "c0",
+                 "c1", "clock", "iterations", "m0", "m1", "x")
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
@@ -259,6 +265,27 @@ class Stretch:
         self._p_static = g.idle_power_w + g.active_base_power_w * clock
         self._e_c = g.compute_power_w * clock ** (g.clock_power_exponent - 1.0)
         self._e_m = g.memory_power_w
+        self._total_t = -1.0
+        self._total_e = -1.0
+        self._memo = (-1.0, 0)
+
+    def truncate(self, m: int) -> None:
+        """Keep only the first ``m`` iterations (the stretch ended early)."""
+        self.iterations = m
+        self._total_t = self._total_e = -1.0
+        self._memo = (-1.0, 0)
+
+    def total_time_s(self) -> float:
+        """Duration of the whole stretch."""
+        if self._total_t < 0:
+            self._total_t = self.time_of(self.iterations)
+        return self._total_t
+
+    def total_energy_j(self) -> float:
+        """Energy of one GPU over the whole stretch."""
+        if self._total_e < 0:
+            self._total_e = self.energy_of(self.iterations)
+        return self._total_e
 
     def iter_time(self, j: int) -> float:
         """Duration of iteration ``j``."""
@@ -281,19 +308,43 @@ class Stretch:
 
     def iterations_done_by(self, elapsed_s: float) -> int:
         """Iterations completed within ``elapsed_s`` of the stretch's start (0..iterations)."""
-        lo, hi = 0, self.iterations
-        if self.time_of(hi) <= elapsed_s:
-            return hi
-        while hi - lo > 1:  # invariant: time_of(lo) <= elapsed < time_of(hi)
-            mid = (lo + hi) // 2
-            if self.time_of(mid) <= elapsed_s:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        if elapsed_s >= self.total_time_s():
+            return self.iterations
+        if self._memo[0] == elapsed_s:
+            return self._memo[1]
+        m = self._invert(elapsed_s)
+        # The quadratic solve can be off by one from rounding; settle on the exact answer.
+        while m > 0 and self.time_of(m) > elapsed_s:
+            m -= 1
+        while m < self.iterations and self.time_of(m + 1) <= elapsed_s:
+            m += 1
+        self._memo = (elapsed_s, m)
+        return m
+
+    def _invert(self, elapsed_s: float) -> int:
+        """Approximate largest m with time_of(m) <= elapsed, from the quadratic of the dominant line."""
+        a1, b1, a2, b2, x = self._a1, self._b1, self._a2, self._b2, self.x
+        k = self.iterations
+        if b1 == b2:
+            split = k
+            first = second = (a1, b1) if a1 >= a2 else (a2, b2)
+        else:
+            split = min(k, max(0, math.ceil((a1 - a2) / (b2 - b1))))
+            first, second = ((a1, b1), (a2, b2)) if b2 > b1 else ((a2, b2), (a1, b1))
+        t_split = self.time_of(split)
+        if elapsed_s < t_split or split >= k:
+            a, b, lo, rem = first[0] + x, first[1], 0, elapsed_s
+        else:
+            a, b, lo, rem = second[0] + x, second[1], split, elapsed_s - t_split
+        # sum_{j=lo}^{m-1} (a + b j) = rem  ->  (b/2) n^2 + (a + b·lo - b/2) n - rem = 0 with n = m - lo
+        p = a + b * lo - b / 2.0
+        n = (-p + math.sqrt(p * p + 2.0 * b * rem)) / b if b > 0 else rem / p if p > 0 else k
+        return int(min(k, max(0, lo + math.floor(n))))
 
     def energy_by(self, elapsed_s: float) -> float:
         """Energy of one GPU from the stretch's start to ``elapsed_s`` later (power constant per iteration)."""
+        if elapsed_s >= self.total_time_s():
+            return self.total_energy_j()
         m = self.iterations_done_by(elapsed_s)
         e = self.energy_of(m)
         if m < self.iterations:

@@ -8,7 +8,6 @@ returns plain records that ``sim.metrics`` turns into DataFrames and the summary
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -19,9 +18,17 @@ from sim.build import build_physics, load_budget, max_model_len, resolve_model
 from sim.catalog.gpus import get_gpu
 from sim.control import Action, Controller, ControllerContext, Observation, build_controller
 from sim.engine import Engine, kv_capacity_tokens
-from sim.gpu import SimGpu
+from sim.gpu import ActivityLedger, SimGpu
 from sim.scenario import DeploymentConfig, Scenario
 from sim.workload import Request, RequestSource
+
+
+def _median(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 class CountingEnvironment(simpy.Environment):
@@ -60,8 +67,9 @@ class DeploymentRuntime:
         self.engines: list[Engine] = []
         n_per = self.phys.par.num_gpus
         for r in range(cfg.replicas):
-            gpus = [SimGpu(env, self.gpu_spec, first_gpu_index + r * n_per + k, scenario.power.cap_actuation_delay_s)
-                    for k in range(n_per)]
+            ledger = ActivityLedger(env, self.gpu_spec)
+            gpus = [SimGpu(env, self.gpu_spec, first_gpu_index + r * n_per + k, scenario.power.cap_actuation_delay_s,
+                           ledger) for k in range(n_per)]
             self.gpus.extend(gpus)
             self.engines.append(Engine(
                 env, self.phys, gpus, replica=r, max_num_seqs=cfg.engine.max_num_seqs,
@@ -80,6 +88,7 @@ class DeploymentRuntime:
             period_s=c.period_s, power_cap_w=c.power_cap_w, control_max_num_seqs=c.max_num_seqs,
             params=dict(c.params)))
         self.max_num_seqs = cfg.engine.max_num_seqs
+        self._last_action: Action | None = None
         # Telemetry state at the previous sample.
         self.last_energy_j = [0.0] * len(self.gpus)
         self.last_busy_s = [0.0] * len(self.gpus)
@@ -117,6 +126,9 @@ class DeploymentRuntime:
 
     def apply(self, action: Action) -> None:
         """Apply a controller's action: caps to every GPU (clamped to range), batch knob to every engine."""
+        if action == self._last_action:
+            return
+        self._last_action = action
         caps = action.power_cap_w
         if len(caps) != len(self.gpus):
             raise ValueError(f"{self.name}: action has {len(caps)} caps for {len(self.gpus)} GPUs")
@@ -130,16 +142,15 @@ class DeploymentRuntime:
 
 @dataclass
 class Timeseries:
-    """Columnar per-period, per-GPU telemetry records."""
+    """Columnar telemetry records, one per control period and replica (``power_cap_w`` holds the replica's
+    per-GPU caps); ``sim.metrics.timeseries_frame`` expands them to one row per GPU."""
 
-    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in TIMESERIES_COLUMNS})
-
-    def add(self, **row: object) -> None:
-        """Append one row."""
-        for k, v in row.items():
-            self.columns[k].append(v)
+    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in _RECORD_COLUMNS})
 
 
+_RECORD_COLUMNS = ("time_s", "window_s", "deployment", "replica", "first_gpu", "num_gpus", "power_w", "energy_j",
+                   "power_cap_w", "clock_mhz", "utilization", "batch", "max_num_seqs", "waiting",
+                   "throughput_tokens_per_s", "budget_w")
 TIMESERIES_COLUMNS = ("time_s", "window_s", "deployment", "replica", "gpu", "power_w", "energy_j", "power_cap_w",
                       "clock_mhz", "utilization", "batch", "max_num_seqs", "waiting", "throughput_tokens_per_s",
                       "budget_w")
@@ -220,42 +231,58 @@ class SimPlant:
     def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float = math.inf) -> Observation:
         now = self.env.now
         powers: list[float] = []
-        ts = self.timeseries
+        caps: list[float] = []
         n_per = dep.phys.par.num_gpus
         tokens_total = 0.0
+        inv = 1.0 / window if window > 0 else 0.0
         for r, engine in enumerate(dep.engines):
             tokens = engine.tokens_generated_now()
             d_tokens = tokens - dep.last_tokens[r]
             dep.last_tokens[r] = tokens
             tokens_total += d_tokens
-            tput = d_tokens / window if window > 0 else 0.0
-            batch, waiting = len(engine.running), len(engine.waiting)
+            # The ranks of a replica share one activity ledger: read it once.
+            ledger = engine.ledger
+            energy = ledger.energy_j()
+            busy = ledger.busy_s()
+            g0 = r * n_per
+            power = (energy - dep.last_energy_j[g0]) * inv if window > 0 else ledger.power_w()
+            util = (busy - dep.last_busy_s[g0]) * inv
+            rep_gpus = dep.gpus[g0:g0 + n_per]
+            rep_caps = [g.get_power_limit_w() for g in rep_gpus]
             for k in range(n_per):
-                g = r * n_per + k
-                gpu = dep.gpus[g]
-                energy = gpu.get_total_energy_j()
-                busy = gpu.get_busy_time_s()
-                power = (energy - dep.last_energy_j[g]) / window if window > 0 else gpu.get_power_w()
-                util = (busy - dep.last_busy_s[g]) / window if window > 0 else 0.0
-                dep.last_energy_j[g] = energy
-                dep.last_busy_s[g] = busy
-                powers.append(power)
-                if record:
-                    ts.add(time_s=now, window_s=window, deployment=dep.name, replica=r, gpu=gpu.index, power_w=power,
-                           energy_j=energy, power_cap_w=gpu.get_power_limit_w(), clock_mhz=gpu.get_sm_clock_mhz(),
-                           utilization=util, batch=batch, max_num_seqs=engine.max_num_seqs, waiting=waiting,
-                           throughput_tokens_per_s=tput, budget_w=budget)
+                dep.last_energy_j[g0 + k] = energy
+                dep.last_busy_s[g0 + k] = busy
+            powers.extend([power] * n_per)
+            caps.extend(rep_caps)
+            if record:  # one record per replica; expanded to one row per GPU when the frame is built
+                cols = self.timeseries.columns
+                cols["time_s"].append(now)
+                cols["window_s"].append(window)
+                cols["deployment"].append(dep.name)
+                cols["replica"].append(r)
+                cols["first_gpu"].append(rep_gpus[0].index)
+                cols["num_gpus"].append(n_per)
+                cols["power_w"].append(power)
+                cols["energy_j"].append(energy)
+                cols["power_cap_w"].append(rep_caps)
+                cols["clock_mhz"].append(ledger.clock() * dep.gpu_spec.sm_clock_max_mhz)
+                cols["utilization"].append(util)
+                cols["batch"].append(engine.num_running)
+                cols["max_num_seqs"].append(engine.max_num_seqs)
+                cols["waiting"].append(len(engine.waiting))
+                cols["throughput_tokens_per_s"].append(d_tokens * inv)
+                cols["budget_w"].append(budget)
         finished = dep.window_finished
         dep.window_finished = []
-        ttft = statistics.median([q.first_token_s - q.arrival_s for q in finished]) if finished else math.nan
+        ttft = _median([q.first_token_s - q.arrival_s for q in finished])
         tpots = [(q.finish_s - q.first_token_s) / (q.generated - 1) for q in finished if q.generated > 1]
         return Observation(
             time_s=now, window_s=window, deployment=dep.name,
             output_tokens_per_s=tokens_total / window if window > 0 else 0.0,
-            gpu_power_w=tuple(powers), power_cap_w=tuple(g.get_power_limit_w() for g in dep.gpus),
+            gpu_power_w=tuple(powers), power_cap_w=tuple(caps),
             power_limit_range_w=dep.gpus[0].get_power_limit_range_w(), max_num_seqs=dep.max_num_seqs,
-            queue_len=sum(len(e.waiting) for e in dep.engines), running=sum(len(e.running) for e in dep.engines),
-            ttft_p50_s=ttft, tpot_p50_s=statistics.median(tpots) if tpots else math.nan,
+            queue_len=sum(len(e.waiting) for e in dep.engines), running=sum(e.num_running for e in dep.engines),
+            ttft_p50_s=ttft, tpot_p50_s=_median(tpots),
             budget_w=self._budget_share(dep, budget))
 
     def run(self) -> RunResult:
@@ -265,7 +292,7 @@ class SimPlant:
         self.sample(act=False)  # the last, possibly partial, window
         for dep in self.deployments:
             for engine in dep.engines:
-                for req in (*engine.running, *engine.waiting):
+                for req in engine.unfinished_requests():
                     req.drop_reason = "unfinished: still in the engine when the run ended"
                     dep.dropped.append(req)
         wall = time.perf_counter() - t0

@@ -7,6 +7,7 @@ the scenario file's folder.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -250,7 +251,7 @@ class PowerConfig(_Model):
             times = [p.at_s for p in v]
             if times[0] != 0:
                 raise ValueError(f"a budget schedule must start at at_s: 0, starts at {times[0]}")
-            if any(b <= a for a, b in zip(times, times[1:], strict=False)):
+            if any(b <= a for a, b in itertools.pairwise(times)):
                 raise ValueError(f"budget schedule times must increase, got {times}")
         return v
 

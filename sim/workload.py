@@ -41,8 +41,9 @@ class Request:
     A step that brings ``computed`` up to ``num_tokens`` samples one new token.
     """
 
-    __slots__ = ("arrival_s", "blocks", "computed", "deployment", "drop_reason", "finish_s", "first_token_s", "generated",
-                 "id", "on_finish", "output_tokens", "preemptions", "prompt_tokens", "replica")
+    __slots__ = ("admit_seq", "arrival_s", "computed", "decode_base", "deployment", "drop_reason", "finish_s",
+                 "first_token_s", "gen_base", "generated", "id", "in_decode", "on_finish", "output_tokens",
+                 "preemptions", "prompt_tokens", "replica")
 
     def __init__(self, rid: int, arrival_s: float, prompt_tokens: int, output_tokens: int, deployment: str) -> None:
         self.id = rid
@@ -52,8 +53,13 @@ class Request:
         self.deployment = deployment
         self.replica = -1
         self.computed = 0
-        self.blocks = 0
         self.generated = 0
+        # While decoding, the engine tracks progress by offsets from its iteration counter G:
+        # computed = decode_base + G, generated = gen_base + G (see sim.engine).
+        self.in_decode = False
+        self.decode_base = 0
+        self.gen_base = 0
+        self.admit_seq = -1
         self.first_token_s = math.nan
         self.finish_s = math.nan
         self.preemptions = 0
@@ -71,7 +77,8 @@ class Request:
         return self.generated >= self.output_tokens
 
 
-def sample_tokens(dist: ConstantTokens | LognormalTokens | UniformTokens, n: int, rng: np.random.Generator) -> np.ndarray:
+def sample_tokens(dist: ConstantTokens | LognormalTokens | UniformTokens, n: int,
+                  rng: np.random.Generator) -> np.ndarray:
     """Draw ``n`` token counts."""
     if isinstance(dist, ConstantTokens):
         return np.full(n, dist.value, dtype=np.int64)

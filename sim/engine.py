@@ -72,6 +72,7 @@ class Engine:
         self._token = 0  # identity of the pending end-of-stretch event; stale events carry an older one
         self._iter_done = 0  # iteration mode: iterations finished in the current stretch
         self._replan = False  # iteration mode: end the stretch at the next iteration boundary
+        self._wake_pending = False  # an idle engine has a plan scheduled for the current instant
         self.tokens_generated = 0  # output tokens sampled by finished steps
         self.iterations = 0  # engine iterations run
         self.preemptions = 0
@@ -96,9 +97,17 @@ class Engine:
             return
         self.waiting.append(req)
         if self._stretch is None:
-            self._plan()
+            if not self._wake_pending:  # plan once every request arriving at this instant is queued
+                self._wake_pending = True
+                self.timer_events += 1
+                self.env.timeout(0).callbacks.append(self._wake)
         elif not self._chunks and self._can_admit():
             self._end_early()
+
+    def _wake(self, _event: simpy.Event) -> None:
+        self._wake_pending = False
+        if self._stretch is None:
+            self._plan()
 
     def set_max_num_seqs(self, n: int) -> None:
         """Change the batch knob: admissions follow it from the next step; running requests are not evicted."""

@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds 
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds -s 
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .benchmarks

@@ -139,6 +139,7 @@ class SimGpu:
         self._limit_w = spec.default_power_limit_w
         self._requested_w = self._limit_w
         self.ledger = ledger or ActivityLedger(env, spec)
+        self.timer_events = 0  # SimPy events scheduled for delayed limit changes
         self._listeners: list[Callable[[SimGpu], None]] = []
 
     # ----- power limit ----------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class SimGpu:
         if self.actuation_delay_s <= 0:
             self._apply(power_w)
         else:
+            self.timer_events += 1
             self.env.timeout(self.actuation_delay_s).callbacks.append(lambda _ev: self._apply(power_w))
 
     def _apply(self, power_w: float) -> None:

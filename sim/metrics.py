@@ -116,7 +116,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
             "kv_cache_tokens_per_replica": dep.kv_capacity_tokens,
             "engine_iterations": int(sum(e.iterations for e in dep.engines)),
             "preemptions": int(sum(e.preemptions for e in dep.engines)),
-            "sim_events": int(sum(e.timer_events for e in dep.engines) + dep.source.events),
+            "sim_events": dep.events_scheduled(),
             "wall_s": result.wall_s,
         }
         tot_energy += energy

@@ -223,23 +223,25 @@ class ReplicaPhysics:
         return self.gpu.idle_power_w
 
 
+def _sum_linear(a: float, b: float, lo: int, hi: int) -> float:
+    """``sum_{j=lo}^{hi-1} (a + b·j)``."""
+    n = hi - lo
+    return a * n + b * (hi * (hi - 1) - lo * (lo - 1)) * 0.5 if n > 0 else 0.0
+
+
 def sum_max_linear(a1: float, b1: float, a2: float, b2: float, m: int) -> float:
     """``sum_{j=0}^{m-1} max(a1 + b1·j, a2 + b2·j)`` in closed form."""
     if m <= 0:
         return 0.0
-
-    def lin(a: float, b: float, lo: int, hi: int) -> float:  # sum_{j=lo}^{hi-1} a + b j
-        n = hi - lo
-        return a * n + b * (hi * (hi - 1) - lo * (lo - 1)) / 2.0 if n > 0 else 0.0
-
     if b1 == b2:
-        return lin(a1, b1, 0, m) if a1 >= a2 else lin(a2, b2, 0, m)
-    # First integer j at which line 2 is >= line 1 (if line 2 grows faster), or line 1 >= line 2.
+        a = a1 if a1 >= a2 else a2
+        return a * m + b1 * m * (m - 1) * 0.5
+    # Line 2 overtakes line 1 (or the reverse) at x; split the sum at the first integer past it.
     x = (a1 - a2) / (b2 - b1)
-    split = min(m, max(0, math.ceil(x)))
-    if b2 > b1:  # line 1 wins before x, line 2 after
-        return lin(a1, b1, 0, split) + lin(a2, b2, split, m)
-    return lin(a2, b2, 0, split) + lin(a1, b1, split, m)
+    split = 0 if x <= 0 else (m if x >= m else math.ceil(x))
+    if b2 > b1:  # line 1 wins before the split, line 2 after
+        return _sum_linear(a1, b1, 0, split) + _sum_linear(a2, b2, split, m)
+    return _sum_linear(a2, b2, 0, split) + _sum_linear(a1, b1, split, m)
 
 
 class Stretch:
@@ -329,7 +331,8 @@ class Stretch:
             split = k
             first = second = (a1, b1) if a1 >= a2 else (a2, b2)
         else:
-            split = min(k, max(0, math.ceil((a1 - a2) / (b2 - b1))))
+            xs = (a1 - a2) / (b2 - b1)
+            split = 0 if xs <= 0 else (k if xs >= k else math.ceil(xs))
             first, second = ((a1, b1), (a2, b2)) if b2 > b1 else ((a2, b2), (a1, b1))
         t_split = self.time_of(split)
         if elapsed_s < t_split or split >= k:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.build import build_physics
 from sim.catalog import GPUS, load_model
 from sim.physics import Parallelism, ReplicaPhysics, StepWork, Stretch, sum_max_linear
 from sim.routing import ExpertPopularity, busiest_rank_factor, expected_distinct_uniform
@@ -46,9 +47,9 @@ def test_throughput_rises_with_batch_and_saturates():
     tput = {b: _static_batches(b, 700, model="llama-3.1-8b", gpu="h100-sxm", tensor=1, prompt=512, output=128,
                                batches=3).summary["totals"]["throughput_tokens_per_s"] for b in (1, 4, 16, 64, 256)}
     values = [tput[b] for b in (1, 4, 16, 64, 256)]
-    assert all(b > a for a, b in zip(values, values[1:], strict=False)), tput
+    assert all(b > a for a, b in itertools.pairwise(values)), tput
     # Diminishing returns: each 4x of batch buys less than the previous one.
-    gains = [b / a for a, b in zip(values, values[1:], strict=False)]
+    gains = [b / a for a, b in itertools.pairwise(values)]
     assert gains[-1] < gains[0]
     assert gains[-1] < 2.5
 

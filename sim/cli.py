@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sim.errors import PalsError
@@ -20,7 +21,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -54,6 +55,8 @@ def run(
     from sim.scenario import load_scenario
 
     try:
+        if out.exists() and not out.is_dir():
+            raise PalsError(f"--out {out}: exists and is not a folder")
         sc = load_scenario(scenario, set_ or [])
         outputs = run_scenario(sc)
         write_outputs(out, sc, outputs, report=not no_report)

@@ -11,9 +11,14 @@ from typing import Any
 
 import pandas as pd
 
+from sim.errors import PalsError
+
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PalsError(f"cannot create output folder {path.parent}: {exc.strerror or exc}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

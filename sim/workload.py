@@ -117,14 +117,32 @@ def _require_columns(df: pd.DataFrame, cols: list[str], path: Path) -> None:
         raise TraceError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(cols)}")
 
 
-def _check_rows(df: pd.DataFrame, path: Path, line_offset: int) -> None:
+def _check_rows(df: pd.DataFrame, raw: dict[str, list], lines: np.ndarray, path: Path) -> None:
+    """Reject the first bad cell, naming its line and showing it as written in the file."""
     for col in ("arrival_s", "prompt_tokens", "output_tokens"):
-        bad = df[col].isna() | (df[col] < (0 if col == "arrival_s" else 1))
+        x = df[col].to_numpy(dtype=float)
+        with np.errstate(invalid="ignore"):
+            if col == "arrival_s":
+                bad = ~np.isfinite(x) | (x < 0)
+                want = "a non-negative number"
+            else:
+                bad = ~np.isfinite(x) | (x < 1) | (x != np.floor(x))
+                want = "a positive integer"
         if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise TraceError(f"{path}: line {i + line_offset}: {col} must be a "
-                             f"{'non-negative number' if col == 'arrival_s' else 'positive integer'}, "
-                             f"got {df[col].iloc[i]!r}")
+            i = int(np.flatnonzero(bad)[0])
+            raise TraceError(f"{path}: line {int(lines[i])}: {col} must be {want}, got {raw[col][i]!r}")
+
+
+def _read_csv_rows(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """All cells as text, blank lines dropped, with each row's line number in the file."""
+    try:
+        raw = pd.read_csv(path, dtype=str, skip_blank_lines=False, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+    raw = raw.fillna("")
+    lines = raw.index.to_numpy() + 2  # the header is line 1
+    keep = (raw != "").any(axis=1).to_numpy() if len(raw.columns) else np.zeros(len(raw), dtype=bool)
+    return raw[keep].reset_index(drop=True), lines[keep]
 
 
 def load_trace(path: str | Path, fmt: str) -> pd.DataFrame:
@@ -132,40 +150,49 @@ def load_trace(path: str | Path, fmt: str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: trace file not found")
+    cols = ("arrival_s", "prompt_tokens", "output_tokens")
     if fmt == "mooncake":
-        rows = []
-        with path.open() as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    rows.append((float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"])))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise TraceError(f"{path}: line {lineno}: expected a JSON object with timestamp (ms), "
-                                     f"input_length, output_length ({type(exc).__name__}: {exc})") from None
-        df = pd.DataFrame(rows, columns=["arrival_s", "prompt_tokens", "output_tokens"])
-        _check_rows(df, path, 1)
-    else:
+        values: dict[str, list] = {c: [] for c in cols}
+        line_numbers = []
         try:
-            raw = pd.read_csv(path, skip_blank_lines=True)
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise TraceError(f"{path}: not a readable CSV ({exc})") from None
+            fh = path.open(encoding="utf-8")
+            with fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        row = (rec["timestamp"], rec["input_length"], rec["output_length"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                        raise TraceError(f"{path}: line {lineno}: expected a JSON object with timestamp (ms), "
+                                         f"input_length, output_length ({type(exc).__name__}: {exc})") from None
+                    for c, v in zip(cols, row, strict=True):
+                        values[c].append(v)
+                    line_numbers.append(lineno)
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}: not UTF-8 text ({exc})") from None
+        df = pd.DataFrame({c: pd.to_numeric(pd.Series(values[c], dtype=object), errors="coerce") for c in cols})
+        lines = np.asarray(line_numbers, dtype=np.int64)
+        raw_cells = values
+        df["arrival_s"] = df["arrival_s"] / 1000.0
+    else:
+        raw, lines = _read_csv_rows(path)
+        names = ("TIMESTAMP", "ContextTokens", "GeneratedTokens") if fmt == "azure" else cols
+        _require_columns(raw, list(names), path)
+        raw_cells = {c: raw[n].tolist() for c, n in zip(cols, names, strict=True)}
         if fmt == "azure":
-            _require_columns(raw, ["TIMESTAMP", "ContextTokens", "GeneratedTokens"], path)
             ts = pd.to_datetime(raw["TIMESTAMP"], errors="coerce", format="mixed")
             if ts.isna().any():
                 i = int(np.flatnonzero(ts.isna().to_numpy())[0])
-                raise TraceError(f"{path}: line {i + 2}: TIMESTAMP {raw['TIMESTAMP'].iloc[i]!r} is not a date-time")
-            arrival = (ts - ts.min()).dt.total_seconds()
-            df = pd.DataFrame({"arrival_s": arrival,
-                               "prompt_tokens": pd.to_numeric(raw["ContextTokens"], errors="coerce"),
-                               "output_tokens": pd.to_numeric(raw["GeneratedTokens"], errors="coerce")})
+                raise TraceError(f"{path}: line {int(lines[i])}: TIMESTAMP {raw['TIMESTAMP'].iloc[i]!r} is not a "
+                                 "date-time")
+            arrival = (ts - ts.min()).dt.total_seconds() if len(ts) else pd.Series(dtype=float)
         else:
-            _require_columns(raw, ["arrival_s", "prompt_tokens", "output_tokens"], path)
-            df = pd.DataFrame({c: pd.to_numeric(raw[c], errors="coerce")
-                               for c in ("arrival_s", "prompt_tokens", "output_tokens")})
-        _check_rows(df, path, 2)
+            arrival = pd.to_numeric(raw["arrival_s"], errors="coerce")
+        df = pd.DataFrame({"arrival_s": arrival.to_numpy(dtype=float),
+                           "prompt_tokens": pd.to_numeric(raw[names[1]], errors="coerce").to_numpy(dtype=float),
+                           "output_tokens": pd.to_numeric(raw[names[2]], errors="coerce").to_numpy(dtype=float)})
+    _check_rows(df, raw_cells, lines, path)
     if df.empty:
         raise TraceError(f"{path}: the trace holds no requests")
     df = df.sort_values("arrival_s", kind="stable").reset_index(drop=True)

@@ -167,8 +167,6 @@ def test_malformed_csv_trace_row(tmp_path: Path) -> None:
     assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "bad.csv", "line 3", "prompt_tokens")
 
 
-@pytest.mark.xfail(strict=True, reason="sim/workload.py _check_rows reports the coerced value "
-                                       "(got np.float64(nan)) instead of what the file holds ('x')")
 def test_malformed_csv_trace_row_shows_the_bad_value(tmp_path: Path) -> None:
     path = _bad_csv_row(tmp_path)
     msg = assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "bad.csv", "line 3")
@@ -190,8 +188,6 @@ def test_mooncake_line_missing_a_key(tmp_path: Path) -> None:
     assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "bad.jsonl", "line 2", "output_length")
 
 
-@pytest.mark.xfail(strict=True, reason="sim/workload.py load_trace catches ParserError and UnicodeDecodeError "
-                                       "but not pandas.errors.EmptyDataError: an empty CSV gives a traceback")
 def test_empty_trace_file(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("")
     path = write_scenario(tmp_path, _trace("empty.csv", "csv"))
@@ -248,23 +244,17 @@ def test_failed_run_leaves_previous_outputs_untouched(tmp_path: Path) -> None:
 
 
 # ----- other bad input that should get one message, not a traceback -------------------------------------
-@pytest.mark.xfail(strict=True, reason="sim/cli.py _fail prints the message with markup=True: text like '[/x]' "
-                                       "in a value raises rich.errors.MarkupError (traceback, exit 1)")
 def test_message_with_square_brackets(tmp_path: Path) -> None:
     path = write_scenario(tmp_path, lambda d: dep0(d).__setitem__("gpu", "[/x]"))
     assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "deployments.0.gpu", "[/x]")
 
 
-@pytest.mark.xfail(strict=True, reason="sim/scenario.py load_scenario: path.read_text() raises UnicodeDecodeError "
-                                       "on a non-UTF-8 file (traceback, exit 1)")
 def test_scenario_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00name: x\n")
     assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "binary.yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="sim/cli.py run: --out naming an existing file raises FileExistsError "
-                                       "from mkdir in write_outputs (traceback, exit 1)")
 def test_out_is_a_file(tmp_path: Path) -> None:
     path = write_scenario(tmp_path)
     out = tmp_path / "not-a-folder"

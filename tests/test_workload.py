@@ -156,8 +156,6 @@ def test_trace_file_not_found(tmp_path: Path) -> None:
         load_trace(tmp_path / "nope.csv", "csv")
 
 
-@pytest.mark.xfail(strict=True, reason="sim/workload.py _check_rows: line numbers count data rows, so blank "
-                                       "lines (skipped by read_csv / the JSONL loop) shift them")
 @pytest.mark.parametrize(("name", "fmt", "text", "line"), [
     ("t.csv", "csv", "arrival_s,prompt_tokens,output_tokens\n0,10,5\n\n1,-2,5\n", 4),
     ("t.jsonl", "mooncake", '{"timestamp": 0, "input_length": 10, "output_length": 5}\n\n'
@@ -169,8 +167,6 @@ def test_line_numbers_count_blank_lines(tmp_path: Path, name: str, fmt: str, tex
         load_trace(path, fmt)
 
 
-@pytest.mark.xfail(strict=True, reason="sim/workload.py _check_rows accepts fractional token counts; load_trace "
-                                       "then truncates 10.5 to 10 with astype(int64)")
 def test_csv_fractional_tokens_rejected(tmp_path: Path) -> None:
     path = _write(tmp_path, "arrival_s,prompt_tokens,output_tokens\n0,10.5,5\n")
     with pytest.raises(TraceError, match="line 2"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sim.catalog.gpus import GpuSpec
 from sim.catalog.models import ModelSpec
@@ -57,8 +58,7 @@ class HostOverheads:
     per_seq_s: float = 2e-5
 
 
-@dataclass(frozen=True)
-class StepWork:
+class StepWork(NamedTuple):
     """Clock-independent description of one step on the busiest GPU.
 
     ``compute_s`` and ``memory_s`` are times at the max clock; ``fixed_s`` is communication plus host time.
@@ -131,6 +131,9 @@ class ReplicaPhysics:
             self._collectives += 2 * m.num_moe_layers
         self._collective_latency_s = self._collectives * gpu.collective_latency_s
         self._distinct_cache: dict[int, float] = {}
+        self._p_full = gpu.idle_power_w + gpu.active_base_power_w  # static power at the max clock
+        self._p_compute = gpu.compute_power_w
+        self._p_memory = gpu.memory_power_w
 
     # ----- work of one step ---------------------------------------------------------------------------
     def distinct_experts(self, num_tokens: int) -> float:
@@ -199,11 +202,9 @@ class ReplicaPhysics:
 
         Returns the max clock (1.0) when the natural draw fits; the minimum clock when nothing fits.
         """
-        g = self.gpu
-        p_full = g.idle_power_w + g.active_base_power_w  # static power at the max clock
-        for w in works:  # natural draw at the max clock (inlined: the common, uncapped case)
-            t = (w.compute_s if w.compute_s > w.memory_s else w.memory_s) + w.fixed_s
-            if p_full + (g.compute_power_w * w.compute_s + g.memory_power_w * w.memory_s) / t > cap_w:
+        p_full, p_c, p_m = self._p_full, self._p_compute, self._p_memory
+        for c, m, x in works:  # natural draw at the max clock (inlined: the common, uncapped case)
+            if p_full + (p_c * c + p_m * m) / ((c if c > m else m) + x) > cap_w:
                 break
         else:
             return 1.0
@@ -269,13 +270,13 @@ class Stretch:
         self._e_m = g.memory_power_w
         self._total_t = -1.0
         self._total_e = -1.0
-        self._memo = (-1.0, 0)
+        self._memo = (-1.0, 0, 0.0)
 
     def truncate(self, m: int) -> None:
         """Keep only the first ``m`` iterations (the stretch ended early)."""
         self.iterations = m
         self._total_t = self._total_e = -1.0
-        self._memo = (-1.0, 0)
+        self._memo = (-1.0, 0, 0.0)
 
     def total_time_s(self) -> float:
         """Duration of the whole stretch."""
@@ -286,7 +287,10 @@ class Stretch:
     def total_energy_j(self) -> float:
         """Energy of one GPU over the whole stretch."""
         if self._total_e < 0:
-            self._total_e = self.energy_of(self.iterations)
+            m = self.iterations
+            tri = m * (m - 1) / 2.0
+            self._total_e = (self.total_time_s() * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
+                             + self._e_m * (self.m0 * m + self.m1 * tri))
         return self._total_e
 
     def iter_time(self, j: int) -> float:
@@ -302,26 +306,39 @@ class Stretch:
         """Time to run the first ``m`` iterations."""
         return sum_max_linear(self._a1, self._b1, self._a2, self._b2, m) + self.x * m
 
-    def energy_of(self, m: int) -> float:
-        """Energy of one GPU over the first ``m`` iterations."""
+    def energy_of(self, m: int, t_m: float | None = None) -> float:
+        """Energy of one GPU over the first ``m`` iterations (``t_m``: their duration, if known)."""
         tri = m * (m - 1) / 2.0
-        return (self.time_of(m) * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
+        if t_m is None:
+            t_m = self.time_of(m)
+        return (t_m * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
                 + self._e_m * (self.m0 * m + self.m1 * tri))
 
     def iterations_done_by(self, elapsed_s: float) -> int:
         """Iterations completed within ``elapsed_s`` of the stretch's start (0..iterations)."""
         if elapsed_s >= self.total_time_s():
             return self.iterations
-        if self._memo[0] == elapsed_s:
-            return self._memo[1]
+        return self._done_by(elapsed_s)[0]
+
+    def _done_by(self, elapsed_s: float) -> tuple[int, float]:
+        """``(m, time_of(m))`` for the largest ``m`` with ``time_of(m) <= elapsed_s`` (memoised)."""
+        memo = self._memo
+        if memo[0] == elapsed_s:
+            return memo[1], memo[2]
         m = self._invert(elapsed_s)
         # The quadratic solve can be off by one from rounding; settle on the exact answer.
-        while m > 0 and self.time_of(m) > elapsed_s:
+        t = self.time_of(m)
+        while m > 0 and t > elapsed_s:
             m -= 1
-        while m < self.iterations and self.time_of(m + 1) <= elapsed_s:
+            t = self.time_of(m)
+        while m < self.iterations:
+            t_next = self.time_of(m + 1)
+            if t_next > elapsed_s:
+                break
             m += 1
-        self._memo = (elapsed_s, m)
-        return m
+            t = t_next
+        self._memo = (elapsed_s, m, t)
+        return m, t
 
     def _invert(self, elapsed_s: float) -> int:
         """Approximate largest m with time_of(m) <= elapsed, from the quadratic of the dominant line."""
@@ -348,9 +365,6 @@ class Stretch:
         """Energy of one GPU from the stretch's start to ``elapsed_s`` later (power constant per iteration)."""
         if elapsed_s >= self.total_time_s():
             return self.total_energy_j()
-        m = self.iterations_done_by(elapsed_s)
-        e = self.energy_of(m)
-        if m < self.iterations:
-            t_m = self.time_of(m)
-            e += self.iter_energy(m) / self.iter_time(m) * (elapsed_s - t_m)
-        return e
+        m, t_m = self._done_by(elapsed_s)
+        # Iteration m is in flight: its power is constant, so its share of energy is linear in time.
+        return self.energy_of(m, t_m) + self.iter_energy(m) / self.iter_time(m) * (elapsed_s - t_m)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sim.plant import TIMESERIES_COLUMNS, RunResult
+from sim.plant import RECORD_COLUMNS, TIMESERIES_COLUMNS, RunResult
 
 REQUEST_COLUMNS = ("deployment", "request_id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
                    "output_tokens", "generated_tokens", "preemptions", "status", "drop_reason")
@@ -41,7 +41,8 @@ def requests_frame(result: RunResult) -> pd.DataFrame:
 
 def timeseries_frame(result: RunResult) -> pd.DataFrame:
     """One row per control period and GPU (the ranks of a replica share power, clock, batch and throughput)."""
-    rec = result.timeseries.columns
+    ts = result.timeseries
+    rec = {name: ts.column(name) for name in RECORD_COLUMNS}
     reps = np.asarray(rec["num_gpus"], dtype=np.int64)
     out: dict[str, np.ndarray] = {}
     for name in TIMESERIES_COLUMNS:

@@ -77,8 +77,8 @@ class DeploymentRuntime:
         self.max_num_seqs = cfg.engine.max_num_seqs
         self._last_action: Action | None = None
         # Telemetry state at the previous sample.
-        self.last_energy_j = [0.0] * len(self.gpus)
-        self.last_busy_s = [0.0] * len(self.gpus)
+        self.last_energy_j = [0.0] * len(self.engines)  # per replica (its ranks share one ledger)
+        self.last_busy_s = [0.0] * len(self.engines)
         self.last_tokens = [0] * len(self.engines)
 
     def events_scheduled(self) -> int:
@@ -134,13 +134,19 @@ class DeploymentRuntime:
 
 @dataclass
 class Timeseries:
-    """Columnar telemetry records, one per control period and replica (``power_cap_w`` holds the replica's
-    per-GPU caps); ``sim.metrics.timeseries_frame`` expands them to one row per GPU."""
+    """Telemetry records, one tuple per control period and replica in ``RECORD_COLUMNS`` order
+    (``power_cap_w`` holds the replica's per-GPU caps); ``sim.metrics.timeseries_frame`` expands them to one
+    row per GPU."""
 
-    columns: dict[str, list] = field(default_factory=lambda: {k: [] for k in _RECORD_COLUMNS})
+    rows: list[tuple] = field(default_factory=list)
+
+    def column(self, name: str) -> list:
+        """One field of every record."""
+        i = RECORD_COLUMNS.index(name)
+        return [row[i] for row in self.rows]
 
 
-_RECORD_COLUMNS = ("time_s", "window_s", "deployment", "replica", "first_gpu", "num_gpus", "power_w", "energy_j",
+RECORD_COLUMNS = ("time_s", "window_s", "deployment", "replica", "first_gpu", "num_gpus", "power_w", "energy_j",
                    "power_cap_w", "clock_mhz", "utilization", "batch", "max_num_seqs", "waiting",
                    "throughput_tokens_per_s", "budget_w")
 TIMESERIES_COLUMNS = ("time_s", "window_s", "deployment", "replica", "gpu", "power_w", "energy_j", "power_cap_w",
@@ -227,45 +233,31 @@ class SimPlant:
         powers: list[float] = []
         caps: list[float] = []
         n_per = dep.phys.par.num_gpus
-        tokens_total = 0.0
+        tokens_total = 0
         inv = 1.0 / window if window > 0 else 0.0
+        rows = self.timeseries.rows
+        max_mhz = dep.gpu_spec.sm_clock_max_mhz
         for r, engine in enumerate(dep.engines):
             tokens = engine.tokens_generated_now()
             d_tokens = tokens - dep.last_tokens[r]
             dep.last_tokens[r] = tokens
             tokens_total += d_tokens
-            # The ranks of a replica share one activity ledger: read it once.
+            # The ranks of a replica run in lockstep and share one activity ledger: read it once.
             ledger = engine.ledger
             energy = ledger.energy_j()
             busy = ledger.busy_s()
-            g0 = r * n_per
-            power = (energy - dep.last_energy_j[g0]) * inv if window > 0 else ledger.power_w()
-            util = (busy - dep.last_busy_s[g0]) * inv
-            rep_gpus = dep.gpus[g0:g0 + n_per]
+            power = (energy - dep.last_energy_j[r]) * inv if window > 0 else ledger.power_w()
+            util = (busy - dep.last_busy_s[r]) * inv
+            dep.last_energy_j[r] = energy
+            dep.last_busy_s[r] = busy
+            rep_gpus = dep.gpus[r * n_per:(r + 1) * n_per]
             rep_caps = [g.get_power_limit_w() for g in rep_gpus]
-            for k in range(n_per):
-                dep.last_energy_j[g0 + k] = energy
-                dep.last_busy_s[g0 + k] = busy
             powers.extend([power] * n_per)
             caps.extend(rep_caps)
             if record:  # one record per replica; expanded to one row per GPU when the frame is built
-                cols = self.timeseries.columns
-                cols["time_s"].append(now)
-                cols["window_s"].append(window)
-                cols["deployment"].append(dep.name)
-                cols["replica"].append(r)
-                cols["first_gpu"].append(rep_gpus[0].index)
-                cols["num_gpus"].append(n_per)
-                cols["power_w"].append(power)
-                cols["energy_j"].append(energy)
-                cols["power_cap_w"].append(rep_caps)
-                cols["clock_mhz"].append(ledger.clock() * dep.gpu_spec.sm_clock_max_mhz)
-                cols["utilization"].append(util)
-                cols["batch"].append(engine.num_running)
-                cols["max_num_seqs"].append(engine.max_num_seqs)
-                cols["waiting"].append(len(engine.waiting))
-                cols["throughput_tokens_per_s"].append(d_tokens * inv)
-                cols["budget_w"].append(budget)
+                rows.append((now, window, dep.name, r, rep_gpus[0].index, n_per, power, energy, rep_caps,
+                             ledger.clock() * max_mhz, util, engine.num_running, engine.max_num_seqs,
+                             len(engine.waiting), d_tokens * inv, budget))
         finished = dep.window_finished
         dep.window_finished = []
         ttft = _median([q.first_token_s - q.arrival_s for q in finished])

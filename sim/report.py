@@ -125,13 +125,16 @@ def latency_figure(requests: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def render_report(title: str, sections: list[tuple[str, str]], figures: list[go.Figure]) -> str:
-    """A self-contained HTML page: text sections then figures (plotly.js inlined once)."""
+def render_report(title: str, sections: list[tuple[str, str]], figures: list[go.Figure],
+                  appendix: list[tuple[str, str]] = ()) -> str:
+    """A self-contained HTML page: text sections, figures (plotly.js inlined once), then appendix sections."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+    for heading, body in appendix:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}")
@@ -147,8 +150,7 @@ def run_report(summary: dict[str, Any], requests: pd.DataFrame, timeseries: pd.D
     facts = (f"<p>policy <b>{html.escape(str(summary['policy']))}</b>, seed {summary['seed']}, "
              f"{t['duration_s']:.1f} s simulated on {t['num_gpus']} GPUs in {t['wall_s']:.2f} s wall "
              f"({t['sim_events']:,} simulation events)</p>")
-    sections = [("Summary", facts + _table_html(header, rows)),
-                ("Scenario", f"<pre>{html.escape(scenario_yaml)}</pre>")]
     figures = [power_figure(timeseries), throughput_figure(timeseries), knobs_figure(timeseries),
                latency_figure(requests)]
-    return render_report(f"pals run: {summary['scenario']}", sections, figures)
+    return render_report(f"pals run: {summary['scenario']}", [("Summary", facts + _table_html(header, rows))],
+                         figures, [("Scenario (resolved)", f"<pre>{html.escape(scenario_yaml)}</pre>")])

@@ -69,6 +69,7 @@ class ActivityLedger:
         self._stretch: Stretch | None = None
         self._closed_energy_j = 0.0
         self._closed_busy_s = 0.0
+        self._closed_clock_s = 0.0  # integral of the clock fraction over time
         self._memo_t = -1.0
         self._memo_e = 0.0
 
@@ -76,6 +77,7 @@ class ActivityLedger:
         """A stretch (or idleness, with ``None``) starts now; the previous segment closes."""
         now = self.env.now
         self._closed_energy_j += self._segment_energy(now)
+        self._closed_clock_s += self._segment_clock_s(now)
         if self._stretch is not None:
             self._closed_busy_s += min(now - self._start_s, self._stretch.total_time_s())
         self._start_s = now
@@ -92,6 +94,18 @@ class ActivityLedger:
         if dt >= total * (1.0 - 1e-12):  # finished stretch (to rounding), then idle until t
             return s.total_energy_j() + self.idle_power_w * max(0.0, dt - total)
         return s.energy_by(dt)
+
+    def _segment_clock_s(self, t: float) -> float:
+        dt = t - self._start_s
+        if dt <= 0:
+            return 0.0
+        s = self._stretch
+        busy = 0.0 if s is None else min(dt, s.total_time_s())
+        return (s.clock * busy if s is not None else 0.0) + self.idle_clock * (dt - busy)
+
+    def clock_s(self) -> float:
+        """Integral of the clock fraction over time since the start (window averages come from its change)."""
+        return self._closed_clock_s + self._segment_clock_s(self.env.now)
 
     def energy_j(self) -> float:
         """Energy of one GPU since the start, up to now."""

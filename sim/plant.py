@@ -79,6 +79,7 @@ class DeploymentRuntime:
         # Telemetry state at the previous sample.
         self.last_energy_j = [0.0] * len(self.engines)  # per replica (its ranks share one ledger)
         self.last_busy_s = [0.0] * len(self.engines)
+        self.last_clock_s = [0.0] * len(self.engines)
         self.last_tokens = [0] * len(self.engines)
 
     def events_scheduled(self) -> int:
@@ -246,17 +247,20 @@ class SimPlant:
             ledger = engine.ledger
             energy = ledger.energy_j()
             busy = ledger.busy_s()
+            clock_s = ledger.clock_s()
             power = (energy - dep.last_energy_j[r]) * inv if window > 0 else ledger.power_w()
             util = (busy - dep.last_busy_s[r]) * inv
+            clock = (clock_s - dep.last_clock_s[r]) * inv * max_mhz
             dep.last_energy_j[r] = energy
             dep.last_busy_s[r] = busy
+            dep.last_clock_s[r] = clock_s
             rep_gpus = dep.gpus[r * n_per:(r + 1) * n_per]
             rep_caps = [g.get_power_limit_w() for g in rep_gpus]
             powers.extend([power] * n_per)
             caps.extend(rep_caps)
             if record:  # one record per replica; expanded to one row per GPU when the frame is built
                 rows.append((now, window, dep.name, r, rep_gpus[0].index, n_per, power, energy, rep_caps,
-                             ledger.clock() * max_mhz, util, engine.num_running, engine.max_num_seqs,
+                             clock, util, engine.num_running, engine.max_num_seqs,
                              len(engine.waiting), d_tokens * inv, budget))
         finished = dep.window_finished
         dep.window_finished = []

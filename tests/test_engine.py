@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sim.catalog import GPUS
 from sim.plant import SimPlant
 from sim.run import run_scenario, write_outputs
 from tests.conftest import tiny
@@ -29,6 +30,9 @@ def _check_invariants(sc, out) -> None:
     assert (ts["batch"] <= ts["max_num_seqs"]).all()
     # Window-average power never exceeds the cap in force during the window.
     assert (ts["power_w"] <= ts["power_cap_w"] * (1 + 1e-9)).all()
+    # The window-average clock stays within the GPU's range; a binding cap pulls it below the max.
+    spec = GPUS[sc.deployments[0].gpu]
+    assert ts["clock_mhz"].between(spec.sm_clock_min_mhz * (1 - 1e-9), spec.sm_clock_max_mhz * (1 + 1e-9)).all()
     # Energy counters are monotonic; output tokens add up.
     for _, g in ts.groupby("gpu"):
         assert (np.diff(g["energy_j"].to_numpy()) >= -1e-9).all()

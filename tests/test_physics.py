@@ -32,6 +32,10 @@ def test_cap_below_natural_draw_lowers_throughput_and_power():
     assert low["throughput_tokens_per_s"] < 0.9 * high["throughput_tokens_per_s"]
     assert low["avg_power_w"] / 4 <= 200 * (1 + 1e-9)
     assert high["avg_power_w"] / 4 > 200
+    # The governor lowered the clock to fit: the busy windows' average clock is below the max.
+    busy = _static_batches(64, 200).timeseries
+    busy = busy[busy["utilization"] > 0.99]
+    assert len(busy) > 0 and (busy["clock_mhz"] < GPUS["a100-sxm4-80gb"].sm_clock_max_mhz * 0.95).all()
 
 
 def test_cap_above_natural_draw_changes_nothing():

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import simpy
 
 from sim.gpu import SimGpu
-from sim.physics import ReplicaPhysics, StepWork, Stretch
+from sim.physics import ReplicaPhysics, Stretch
 from sim.workload import Request
 
 
@@ -55,6 +55,7 @@ class Engine:
         self.iteration_stepping = iteration_stepping
         self.on_finish = on_finish
         self.on_drop = on_drop
+        self.on_first_token: Callable[[Request], None] | None = None
         self._window = phys.model.sliding_window
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # running, prompt (or recompute) not fully in the cache; admission order
@@ -137,11 +138,19 @@ class Engine:
         """Output tokens sampled up to now, counting finished iterations of the stretch in flight."""
         if self._stretch is None or self._chunks:
             return self.tokens_generated
-        done = self._stretch.iterations_done_by(self.env.now - self._start_s)
-        return self.tokens_generated + done * self._n_dec
+        return self.tokens_generated + self._decode_iterations_done() * self._n_dec
+
+    def _decode_iterations_done(self) -> int:
+        """Finished iterations of the decode stretch in flight."""
+        if self.iteration_stepping:
+            return self._iter_done
+        return self._stretch.iterations_done_by(self.env.now - self._start_s)
 
     def unfinished_requests(self) -> list[Request]:
-        """Running and waiting requests, their progress written back (for the records at the end of a run)."""
+        """Running and waiting requests, their progress up to now written back (for the records at the end of
+        a run; the engine is not used afterwards)."""
+        if self._stretch is not None and not self._chunks:
+            self.G += self._decode_iterations_done()  # the finished iterations of the stretch in flight
         for req in self.decoding.values():
             self._materialize(req)
         return [*self.prefilling, *self.decoding.values(), *self.waiting]
@@ -242,9 +251,6 @@ class Engine:
             self._stretch = None
             self.ledger.begin(None)
 
-    def _cap_w(self) -> float:
-        return self._cap
-
     def _decode_windowed(self) -> int:
         w = self._window
         if not w:
@@ -270,8 +276,7 @@ class Engine:
                 logits += 1
             tokens += c
         work = self.phys.step_work(tokens, logits, n_dec + len(chunks), pairs, kv, pairs_w, kv_w)
-        clock = self.phys.clock_for_cap((work,), self._cap_w())
-        return Stretch(self.phys, work, 0.0, 0.0, clock, 1)
+        return Stretch(self.phys, work, 0.0, 0.0, self.phys.clock_for_cap(work, self._cap), 1)
 
     def _decode_stretch(self, n: int, occupancy: int) -> Stretch:
         heap = self._finish_heap
@@ -285,25 +290,40 @@ class Engine:
         work0 = phys.step_work(n, n, n, ctx, ctx, ctx_w, ctx_w)
         c1 = phys.attn_compute_s(n)
         m1 = phys.kv_read_s(n)
-        cap = self._cap_w()
-        if k > 1:
-            last = StepWork(work0.compute_s + c1 * (k - 1), work0.memory_s + m1 * (k - 1), work0.fixed_s)
-            clock = phys.clock_for_cap((work0, last), cap)
-        else:
-            clock = phys.clock_for_cap((work0,), cap)
-        return Stretch(phys, work0, c1, m1, clock, k)
+        return Stretch(phys, work0, c1, m1, phys.clock_for_stretch(work0, c1, m1, k, self._cap), k)
 
     def _start(self, stretch: Stretch) -> None:
         self._stretch = stretch
         self._start_s = self.env.now
         self._iter_done = 0
         self._replan = False
-        self.ledger.begin(stretch)
         self._token += 1
         if self.iteration_stepping:
-            self._schedule(stretch.iter_time(0))
+            it = self._iteration(0)
+            self.ledger.begin(it)
+            self._schedule(it.total_time_s())
         else:
+            self.ledger.begin(stretch)
             self._schedule(stretch.total_time_s())
+
+    def _iteration(self, j: int) -> Stretch:
+        """Reference stepping: iteration ``j`` of the planned stretch, its work recomputed from the requests
+        themselves (not from the stretch's closed form), at the clock the governor chose for the stretch."""
+        planned = self._stretch
+        assert planned is not None
+        if self._chunks:
+            return planned  # a prefill-carrying step is a single iteration, built from the requests
+        g = self.G + j + 1  # each decode attends its cache (j tokens longer than at the start) plus itself
+        w = self._window
+        ctx = ctx_w = 0
+        for r in self.decoding.values():
+            c = r.decode_base + g
+            ctx += c
+            if w:
+                ctx_w += min(c, w)
+        n = len(self.decoding)
+        work = self.phys.step_work(n, n, n, ctx, ctx, ctx_w, ctx_w)
+        return Stretch(self.phys, work, 0.0, 0.0, planned.clock, 1)
 
     def _schedule(self, delay: float) -> None:
         token = self._token
@@ -337,8 +357,10 @@ class Engine:
         if self.iteration_stepping:
             self._iter_done += 1
             if self._iter_done < s.iterations and not self._replan:
+                it = self._iteration(self._iter_done)
+                self.ledger.begin(it)
                 self._token += 1
-                self._schedule(s.iter_time(self._iter_done))
+                self._schedule(it.total_time_s())
                 return
             s.truncate(self._iter_done)
         self._finish_stretch(s.iterations)
@@ -365,6 +387,8 @@ class Engine:
                 self._prefill_computed -= req.computed
                 if req.generated == 0:
                     req.first_token_s = now
+                    if self.on_first_token is not None:
+                        self.on_first_token(req)
                 req.generated += 1
                 self.tokens_generated += 1
                 if req.generated >= req.output_tokens:

@@ -119,12 +119,13 @@ class ReplicaPhysics:
         hidden_bytes = m.hidden_size * ACT_BYTES / dp
         self._allreduce_s_per_token = 0.0
         self._collectives = 0
+        all_to_all = self.ep_ranks > 1 and dp > 1  # vLLM uses all-to-all kernels only with data parallelism
         if tp > 1:
-            n_ar = 2 * m.num_layers if self.ep_ranks == 1 else m.num_layers + (m.num_layers - m.num_moe_layers)
+            n_ar = 2 * m.num_layers if not all_to_all else m.num_layers + (m.num_layers - m.num_moe_layers)
             self._allreduce_s_per_token = n_ar * 2.0 * (tp - 1) / tp * hidden_bytes / self._link
             self._collectives += n_ar
         self._alltoall_s_per_token = 0.0
-        if self.ep_ranks > 1:
+        if all_to_all:
             ep = self.ep_ranks
             self._alltoall_s_per_token = (m.num_moe_layers * 2.0 * m.experts_per_token * (ep - 1) / ep
                                           * hidden_bytes / self._link)
@@ -197,23 +198,41 @@ class ReplicaPhysics:
         t = self.step_time_s(w, f)
         return self.step_energy_j(w, f, t) / t
 
-    def clock_for_cap(self, works: tuple[StepWork, ...], cap_w: float) -> float:
-        """Highest clock fraction at which every step in ``works`` draws at most ``cap_w``.
+    def clock_for_cap(self, work: StepWork, cap_w: float) -> float:
+        """Highest clock fraction at which one step draws at most ``cap_w`` (see ``clock_for_stretch``)."""
+        return self.clock_for_stretch(work, 0.0, 0.0, 1, cap_w)
 
-        Returns the max clock (1.0) when the natural draw fits; the minimum clock when nothing fits.
+    def stretch_peak_power_w(self, w0: StepWork, c1: float, m1: float, k: int, f: float) -> float:
+        """Highest per-iteration power of a stretch of ``k`` iterations at clock fraction ``f``.
+
+        Within the iterations where a step stays compute-bound (or memory-bound), its power is a ratio of
+        two linear functions of ``j`` and so monotone: the peak is at an end of the stretch or beside the
+        iteration where the step turns from one to the other.
         """
-        p_full, p_c, p_m = self._p_full, self._p_compute, self._p_memory
-        for c, m, x in works:  # natural draw at the max clock (inlined: the common, uncapped case)
-            if p_full + (p_c * c + p_m * m) / ((c if c > m else m) + x) > cap_w:
-                break
-        else:
+        c0, m0, x = w0
+        js = [0] if k <= 1 else [0, k - 1]
+        s = self.memory_speed(f)
+        denom = m1 / s - c1 / f
+        if k > 2 and denom != 0.0:
+            jx = (c0 / f - m0 / s) / denom
+            if 0.0 < jx < k - 1:
+                js += [math.floor(jx), math.ceil(jx)]
+        return max(self.step_power_w(StepWork(c0 + c1 * j, m0 + m1 * j, x), f) for j in js)
+
+    def clock_for_stretch(self, w0: StepWork, c1: float, m1: float, k: int, cap_w: float) -> float:
+        """Highest clock fraction at which every iteration of a stretch draws at most ``cap_w``.
+
+        The max clock (1.0) when the natural draw fits; the minimum clock when nothing fits (the GPU cannot
+        go lower). The governor holds this clock until the composition or the cap changes.
+        """
+        if self.stretch_peak_power_w(w0, c1, m1, k, 1.0) <= cap_w:
             return 1.0
         lo, hi = self.gpu.min_clock_fraction, 1.0
-        if any(self.step_power_w(w, lo) > cap_w for w in works):
+        if self.stretch_peak_power_w(w0, c1, m1, k, lo) > cap_w:
             return lo
-        for _ in range(30):  # power is increasing in f: bisection to ~1e-9 of the clock range
+        for _ in range(30):  # power rises with the clock: bisection to ~1e-9 of the clock range
             mid = 0.5 * (lo + hi)
-            if all(self.step_power_w(w, mid) <= cap_w for w in works):
+            if self.stretch_peak_power_w(w0, c1, m1, k, mid) <= cap_w:
                 lo = mid
             else:
                 hi = mid

@@ -64,6 +64,9 @@ class DeploymentRuntime:
                 kv_capacity_tokens=self.kv_capacity_tokens, max_model_len=max_model_len(cfg, self.model),
                 iteration_stepping=cfg.engine.stepping == "iteration",
                 on_finish=self._finished, on_drop=self._dropped))
+        self.window_first_tokens: list[Request] = []
+        for engine in self.engines:
+            engine.on_first_token = self.window_first_tokens.append
         self._rr = 0
         self.source = RequestSource(env, scenario, index, self.submit, rng)
         self.source.on_exhausted = plant.check_done
@@ -128,7 +131,8 @@ class DeploymentRuntime:
         for gpu, cap in zip(self.gpus, caps, strict=True):
             lo, hi = gpu.get_power_limit_range_w()
             gpu.set_power_limit_w(min(max(float(cap), lo), hi))
-        self.max_num_seqs = max(1, int(action.max_num_seqs))
+        # A decode step needs a token of the step budget per sequence: the knob cannot exceed the budget.
+        self.max_num_seqs = min(max(1, int(action.max_num_seqs)), self.cfg.engine.max_num_batched_tokens)
         for engine in self.engines:
             engine.set_max_num_seqs(self.max_num_seqs)
 
@@ -207,7 +211,7 @@ class SimPlant:
         period = self.scenario.control.period_s
         # Apply the initial action at t=0 (before any telemetry), as a real loop would on start-up.
         for dep in self.deployments:
-            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False)))
+            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=self.budget.at(0.0))))
         while True:
             self.control_ticks += 1
             yield self.env.timeout(period)
@@ -264,7 +268,9 @@ class SimPlant:
                              len(engine.waiting), d_tokens * inv, budget))
         finished = dep.window_finished
         dep.window_finished = []
-        ttft = _median([q.first_token_s - q.arrival_s for q in finished])
+        firsts = dep.window_first_tokens
+        ttft = _median([q.first_token_s - q.arrival_s for q in firsts])
+        firsts.clear()
         tpots = [(q.finish_s - q.first_token_s) / (q.generated - 1) for q in finished if q.generated > 1]
         return Observation(
             time_s=now, window_s=window, deployment=dep.name,

@@ -239,14 +239,19 @@ class RequestSource:
         elif isinstance(w, ClosedLoopWorkload):
             self._remaining = w.requests if w.requests is not None else math.inf
             self._active_clients = w.clients
-            for _ in range(w.clients):
-                self._closed_issue(delay=0.0)
+            self._at_start(lambda: [self._closed_issue(delay=0.0) for _ in range(w.clients)])
         elif isinstance(w, StaticBatchesWorkload):
             self._remaining = w.requests if w.requests is not None else math.inf
             self._outstanding = 0
-            self._static_batch()
+            self._batch_dropped = 0
+            self._at_start(self._static_batch)
         else:  # pragma: no cover - the schema admits nothing else
             raise TypeError(f"unknown workload {w!r}")
+
+    def _at_start(self, start: Callable[[], object]) -> None:
+        """Run ``start`` at t=0 as a simulation event, once the whole model is wired."""
+        self.events += 1
+        self.env.timeout(0).callbacks.append(lambda _event: start())
 
     def _new(self, arrival_s: float, prompt: int, output: int) -> Request:
         req = Request(self.issued, arrival_s, int(prompt), int(output), self.dep.name)
@@ -303,7 +308,12 @@ class RequestSource:
         else:
             fire()
 
-    def _closed_done(self, _req: Request) -> None:
+    def _closed_done(self, req: Request) -> None:
+        if req.drop_reason:  # the engine cannot serve this client's request: the client gives up
+            self._active_clients -= 1
+            if self._active_clients == 0:
+                self._finish_source()
+            return
         w = self.dep.workload
         think = float(self.rng.exponential(w.think_time_s)) if w.think_time_s > 0 else 0.0
         self._closed_issue(think)
@@ -318,13 +328,20 @@ class RequestSource:
         self._remaining -= n
         prompts = sample_tokens(w.prompt_tokens, n, self.rng)
         outputs = sample_tokens(w.output_tokens, n, self.rng)
-        self._outstanding = n
+        self._outstanding = self._batch_n = n
+        self._batch_dropped = 0
         for p, o in zip(prompts.tolist(), outputs.tolist(), strict=True):
             req = self._new(self.env.now, p, o)
             req.on_finish = self._static_done
             self.submit(req)
 
-    def _static_done(self, _req: Request) -> None:
+    def _static_done(self, req: Request) -> None:
         self._outstanding -= 1
+        self._batch_dropped += bool(req.drop_reason)
         if self._outstanding == 0:
-            self._static_batch()
+            if self._batch_dropped == self._batch_n:
+                # Every request of the batch was dropped (too long for the engine): stop, rather than issue
+                # batches forever at one instant of simulated time.
+                self._finish_source()
+            else:
+                self._static_batch()

@@ -61,7 +61,7 @@ def test_throughput_rises_with_batch_and_saturates():
 def test_lower_cap_means_lower_clock():
     phys = ReplicaPhysics(load_model("mixtral-8x7b"), GPUS["a100-sxm4-80gb"], Parallelism(tensor=4))
     work = phys.step_work(64 * 200, 64, 64, 64 * 200 * 201 / 2, 64 * 200)
-    clocks = [phys.clock_for_cap((work,), cap) for cap in (100, 150, 200, 250, 300, 400)]
+    clocks = [phys.clock_for_cap(work, cap) for cap in (100, 150, 200, 250, 300, 400)]
     assert clocks == sorted(clocks)
     assert clocks[0] < clocks[-1]
     for cap, f in zip((100, 150, 200, 250, 300), clocks, strict=False):

@@ -21,3 +21,18 @@ class AlternatingCap:
         self.calls += 1
         cap = self.low if (self.calls // self.every) % 2 else self.high
         return Action(tuple([cap] * self.n), self.batch)
+
+
+class Recorder:
+    """Keeps a fixed action and records every observation (in ``Recorder.seen``, newest run only)."""
+
+    seen: list[Observation] = []
+
+    def __init__(self, ctx: ControllerContext) -> None:
+        Recorder.seen = []
+        self.action = Action(tuple([ctx.default_power_limit_w] * ctx.num_gpus), ctx.max_num_seqs)
+
+    def decide(self, obs: Observation) -> Action:
+        """Record, then keep the action."""
+        Recorder.seen.append(obs)
+        return self.action

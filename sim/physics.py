@@ -225,7 +225,19 @@ class ReplicaPhysics:
         The max clock (1.0) when the natural draw fits; the minimum clock when nothing fits (the GPU cannot
         go lower). The governor holds this clock until the composition or the cap changes.
         """
-        if self.stretch_peak_power_w(w0, c1, m1, k, 1.0) <= cap_w:
+        # Natural draw at the max clock (inlined: the common, uncapped case). At f = 1 the memory speed is 1.
+        c0, m0, x = w0
+        p_full, p_c, p_m = self._p_full, self._p_compute, self._p_memory
+        js = (0,) if k <= 1 else (0, k - 1)
+        if k > 2 and m1 != c1:
+            jx = (c0 - m0) / (m1 - c1)
+            if 0.0 < jx < k - 1:
+                js = (0, k - 1, math.floor(jx), math.ceil(jx))
+        for j in js:
+            c, m = c0 + c1 * j, m0 + m1 * j
+            if p_full + (p_c * c + p_m * m) / ((c if c > m else m) + x) > cap_w:
+                break
+        else:
             return 1.0
         lo, hi = self.gpu.min_clock_fraction, 1.0
         if self.stretch_peak_power_w(w0, c1, m1, k, lo) > cap_w:

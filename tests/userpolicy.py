@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from sim.control import Action, ControllerContext, Observation
 
 
@@ -26,7 +28,7 @@ class AlternatingCap:
 class Recorder:
     """Keeps a fixed action and records every observation (in ``Recorder.seen``, newest run only)."""
 
-    seen: list[Observation] = []
+    seen: ClassVar[list[Observation]] = []
 
     def __init__(self, ctx: ControllerContext) -> None:
         Recorder.seen = []

@@ -108,13 +108,14 @@ class DeploymentRuntime:
     def _finished(self, req: Request) -> None:
         self.completed.append(req)
         self.window_finished.append(req)
-        if req.on_finish is not None:
-            req.on_finish(req)
-        if self.source.exhausted and self.outstanding == 0:
-            self.plant.check_done()
+        self._settled(req)
 
     def _dropped(self, req: Request) -> None:
         self.dropped.append(req)
+        self._settled(req)
+
+    def _settled(self, req: Request) -> None:
+        """A request left the system: tell its source (closed loops, batches), and stop once all is served."""
         if req.on_finish is not None:
             req.on_finish(req)
         if self.source.exhausted and self.outstanding == 0:

@@ -70,7 +70,7 @@ class Engine:
         self._start_s = 0.0
         self._chunks: list[tuple[Request, int]] = []  # (request, chunk) of a prefill-carrying step
         self._n_dec = 0  # decoding requests in the stretch in flight
-        self._token = 0  # identity of the pending end-of-stretch event; stale events carry an older one
+        self._pending: simpy.Event | None = None  # the live end-of-stretch event; superseded ones are ignored
         self._iter_done = 0  # iteration mode: iterations finished in the current stretch
         self._replan = False  # iteration mode: end the stretch at the next iteration boundary
         self._wake_pending = False  # an idle engine has a plan scheduled for the current instant
@@ -297,7 +297,6 @@ class Engine:
         self._start_s = self.env.now
         self._iter_done = 0
         self._replan = False
-        self._token += 1
         if self.iteration_stepping:
             it = self._iteration(0)
             self.ledger.begin(it)
@@ -326,9 +325,11 @@ class Engine:
         return Stretch(self.phys, work, 0.0, 0.0, planned.clock, 1)
 
     def _schedule(self, delay: float) -> None:
-        token = self._token
+        """The end of the current step or stretch, ``delay`` from now (supersedes any earlier one)."""
         self.timer_events += 1
-        self.env.timeout(delay).callbacks.append(lambda _ev: self._on_timer(token))
+        event = self.env.timeout(delay)
+        event.callbacks.append(self._on_timer)
+        self._pending = event
 
     def _end_early(self) -> None:
         """End the decode stretch in flight at its next iteration boundary."""
@@ -346,11 +347,10 @@ class Engine:
         if m >= s.iterations:
             return
         s.truncate(m)
-        self._token += 1
         self._schedule(self._start_s + s.total_time_s() - self.env.now)
 
-    def _on_timer(self, token: int) -> None:
-        if token != self._token:
+    def _on_timer(self, event: simpy.Event) -> None:
+        if event is not self._pending:
             return  # superseded by an early end
         s = self._stretch
         assert s is not None
@@ -359,7 +359,6 @@ class Engine:
             if self._iter_done < s.iterations and not self._replan:
                 it = self._iteration(self._iter_done)
                 self.ledger.begin(it)
-                self._token += 1
                 self._schedule(it.total_time_s())
                 return
             s.truncate(self._iter_done)

@@ -71,56 +71,50 @@ class ActivityLedger:
         self._closed_busy_s = 0.0
         self._closed_clock_s = 0.0  # integral of the clock fraction over time
         self._memo_t = -1.0
-        self._memo_e = 0.0
+        self._memo = (0.0, 0.0, 0.0)
 
     def begin(self, stretch: Stretch | None) -> None:
         """A stretch (or idleness, with ``None``) starts now; the previous segment closes."""
         now = self.env.now
-        self._closed_energy_j += self._segment_energy(now)
-        self._closed_clock_s += self._segment_clock_s(now)
-        if self._stretch is not None:
-            self._closed_busy_s += min(now - self._start_s, self._stretch.total_time_s())
+        energy, busy, clock = self._segment(now)
+        self._closed_energy_j += energy
+        self._closed_busy_s += busy
+        self._closed_clock_s += clock
         self._start_s = now
         self._stretch = stretch
 
-    def _segment_energy(self, t: float) -> float:
+    def _segment(self, t: float) -> tuple[float, float, float]:
+        """Energy, busy time and clock integral of the current segment from its start to ``t``."""
         dt = t - self._start_s
         if dt <= 0:
-            return 0.0
+            return 0.0, 0.0, 0.0
         s = self._stretch
         if s is None:
-            return self.idle_power_w * dt
+            return self.idle_power_w * dt, 0.0, self.idle_clock * dt
         total = s.total_time_s()
         if dt >= total * (1.0 - 1e-12):  # finished stretch (to rounding), then idle until t
-            return s.total_energy_j() + self.idle_power_w * max(0.0, dt - total)
-        return s.energy_by(dt)
+            idle = dt - total if dt > total else 0.0
+            busy = dt - idle
+            return s.total_energy_j() + self.idle_power_w * idle, busy, s.clock * busy + self.idle_clock * idle
+        return s.energy_by(dt), dt, s.clock * dt
 
-    def _segment_clock_s(self, t: float) -> float:
-        dt = t - self._start_s
-        if dt <= 0:
-            return 0.0
-        s = self._stretch
-        busy = 0.0 if s is None else min(dt, s.total_time_s())
-        return (s.clock * busy if s is not None else 0.0) + self.idle_clock * (dt - busy)
-
-    def clock_s(self) -> float:
-        """Integral of the clock fraction over time since the start (window averages come from its change)."""
-        return self._closed_clock_s + self._segment_clock_s(self.env.now)
+    def counters(self) -> tuple[float, float, float]:
+        """``(energy_j, busy_s, clock_s)`` since the start, up to now: energy of one GPU, time spent running
+        steps, and the integral of the clock fraction (window averages come from their changes)."""
+        now = self.env.now
+        if now != self._memo_t:
+            energy, busy, clock = self._segment(now)
+            self._memo_t = now
+            self._memo = (self._closed_energy_j + energy, self._closed_busy_s + busy, self._closed_clock_s + clock)
+        return self._memo
 
     def energy_j(self) -> float:
         """Energy of one GPU since the start, up to now."""
-        now = self.env.now
-        if now != self._memo_t:
-            self._memo_t = now
-            self._memo_e = self._closed_energy_j + self._segment_energy(now)
-        return self._memo_e
+        return self.counters()[0]
 
     def busy_s(self) -> float:
         """Time spent running steps since the start, up to now."""
-        busy = self._closed_busy_s
-        if self._stretch is not None:
-            busy += min(self.env.now - self._start_s, self._stretch.total_time_s())
-        return busy
+        return self.counters()[1]
 
     def power_w(self) -> float:
         """Power of the iteration running now (idle power between steps)."""

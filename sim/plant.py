@@ -102,7 +102,11 @@ class DeploymentRuntime:
             engine = self.engines[self._rr % len(self.engines)]
             self._rr += 1
         else:
-            engine = min(self.engines, key=lambda e: e.outstanding)
+            engine = self.engines[0]
+            best = engine.outstanding
+            for e in self.engines[1:]:
+                if e.outstanding < best:
+                    engine, best = e, e.outstanding
         engine.submit(req)
 
     def _finished(self, req: Request) -> None:
@@ -250,9 +254,7 @@ class SimPlant:
             tokens_total += d_tokens
             # The ranks of a replica run in lockstep and share one activity ledger: read it once.
             ledger = engine.ledger
-            energy = ledger.energy_j()
-            busy = ledger.busy_s()
-            clock_s = ledger.clock_s()
+            energy, busy, clock_s = ledger.counters()
             power = (energy - dep.last_energy_j[r]) * inv if window > 0 else ledger.power_w()
             util = (busy - dep.last_busy_s[r]) * inv
             clock = (clock_s - dep.last_clock_s[r]) * inv * max_mhz

@@ -289,16 +289,22 @@ class Stretch:
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
-        self.c0, self.c1, self.m0, self.m1, self.x = work0.compute_s, c1, work0.memory_s, m1, work0.fixed_s
+        c0, m0, x = work0
+        self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
         self.clock = clock
         self.iterations = iterations
-        g = phys.gpu
-        s = phys.memory_speed(clock)
-        self._a1, self._b1 = self.c0 / clock, c1 / clock
-        self._a2, self._b2 = self.m0 / s, m1 / s
-        self._p_static = g.idle_power_w + g.active_base_power_w * clock
-        self._e_c = g.compute_power_w * clock ** (g.clock_power_exponent - 1.0)
-        self._e_m = g.memory_power_w
+        self._e_m = phys._p_memory
+        if clock == 1.0:  # uncapped: the common case
+            self._a1, self._b1, self._a2, self._b2 = c0, c1, m0, m1
+            self._p_static = phys._p_full
+            self._e_c = phys._p_compute
+        else:
+            g = phys.gpu
+            s = phys.memory_speed(clock)
+            self._a1, self._b1 = c0 / clock, c1 / clock
+            self._a2, self._b2 = m0 / s, m1 / s
+            self._p_static = g.idle_power_w + g.active_base_power_w * clock
+            self._e_c = g.compute_power_w * clock ** (g.clock_power_exponent - 1.0)
         self._total_t = -1.0
         self._total_e = -1.0
         self._memo = (-1.0, 0, 0.0)
@@ -375,22 +381,28 @@ class Stretch:
         """Approximate largest m with time_of(m) <= elapsed, from the quadratic of the dominant line."""
         a1, b1, a2, b2, x = self._a1, self._b1, self._a2, self._b2, self.x
         k = self.iterations
+        # Which line dominates before and after the split (see sum_max_linear).
         if b1 == b2:
             split = k
-            first = second = (a1, b1) if a1 >= a2 else (a2, b2)
+            a, b = (a1, b1) if a1 >= a2 else (a2, b2)
         else:
             xs = (a1 - a2) / (b2 - b1)
             split = 0 if xs <= 0 else (k if xs >= k else math.ceil(xs))
-            first, second = ((a1, b1), (a2, b2)) if b2 > b1 else ((a2, b2), (a1, b1))
-        t_split = self.time_of(split)
-        if elapsed_s < t_split or split >= k:
-            a, b, lo, rem = first[0] + x, first[1], 0, elapsed_s
-        else:
-            a, b, lo, rem = second[0] + x, second[1], split, elapsed_s - t_split
+            a, b = (a1, b1) if b2 > b1 else (a2, b2)
+        lo, rem = 0, elapsed_s
+        if 0 < split < k:
+            t_split = self.time_of(split)
+            if elapsed_s >= t_split:
+                a, b = (a2, b2) if b2 > b1 else (a1, b1)
+                lo, rem = split, elapsed_s - t_split
+        elif split == 0 and b1 != b2:
+            a, b = (a2, b2) if b2 > b1 else (a1, b1)
+        a += x
         # sum_{j=lo}^{m-1} (a + b j) = rem  ->  (b/2) n^2 + (a + b·lo - b/2) n - rem = 0 with n = m - lo
         p = a + b * lo - b / 2.0
         n = (-p + math.sqrt(p * p + 2.0 * b * rem)) / b if b > 0 else rem / p if p > 0 else k
-        return int(min(k, max(0, lo + math.floor(n))))
+        m = lo + math.floor(n)
+        return 0 if m < 0 else (k if m > k else m)
 
     def energy_by(self, elapsed_s: float) -> float:
         """Energy of one GPU from the stretch's start to ``elapsed_s`` later (power constant per iteration)."""

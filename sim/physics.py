@@ -250,10 +250,6 @@ class ReplicaPhysics:
                 hi = mid
         return lo
 
-    def idle_power_w(self) -> float:
-        """Power of one GPU with no work."""
-        return self.gpu.idle_power_w
-
 
 def _sum_linear(a: float, b: float, lo: int, hi: int) -> float:
     """``sum_{j=lo}^{hi-1} (a + b·j)``."""

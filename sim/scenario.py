@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sim.errors import PalsError
 
 WORKLOAD_KINDS = ("poisson", "gamma", "closed-loop", "static-batches", "trace")
-TRACE_FORMATS = ("azure", "mooncake", "csv")
 
 
 class ScenarioError(PalsError):

@@ -71,11 +71,6 @@ class Request:
         """Prompt plus generated tokens."""
         return self.prompt_tokens + self.generated
 
-    @property
-    def done(self) -> bool:
-        """All output tokens generated."""
-        return self.generated >= self.output_tokens
-
 
 def sample_tokens(dist: ConstantTokens | LognormalTokens | UniformTokens, n: int,
                   rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,7 @@ into idle / active-base / compute / memory parts, the clock-power exponent) are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 TB = 1e12
 GB = 1e9
@@ -48,10 +48,6 @@ class GpuSpec:
     def min_clock_fraction(self) -> float:
         """Lowest clock as a fraction of the max clock."""
         return self.sm_clock_min_mhz / self.sm_clock_max_mhz
-
-    def with_overrides(self, **fields: float) -> GpuSpec:
-        """A copy with some fields replaced (used by calibration and ``--set``)."""
-        return replace(self, **fields)
 
 
 # Power split: at max clock with compute and memory both saturated a GPU reaches roughly its TDP

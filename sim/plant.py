@@ -17,10 +17,23 @@ import simpy
 from sim.build import build_physics, load_budget, max_model_len, resolve_model
 from sim.catalog.gpus import get_gpu
 from sim.control import Action, Controller, ControllerContext, Observation, build_controller
+from sim.control.coordinator import Claim, Split, even_split, need_split
+from sim.control.models import PhysicsModel
+from sim.control.policies import batch_candidates, cap_candidates, choose
 from sim.engine import Engine, kv_capacity_tokens
 from sim.gpu import ActivityLedger, SimGpu
-from sim.scenario import DeploymentConfig, Scenario
-from sim.workload import Request, RequestSource
+from sim.scenario import DeploymentConfig, Scenario, StaticBatchesWorkload
+from sim.workload import Request, RequestSource, token_means
+
+
+def resolve_target(cfg: DeploymentConfig, model: PhysicsModel, max_cap_w: float) -> float:
+    """A deployment's throughput target in tokens/s (nan: none)."""
+    t = cfg.throughput_target
+    if t is None:
+        return math.nan
+    if t.tokens_per_s is not None:
+        return t.tokens_per_s
+    return t.fraction_of_max * model.predict(max_cap_w, cfg.engine.max_num_seqs).tokens_per_s
 
 
 def _median(values: list[float]) -> float:
@@ -70,13 +83,18 @@ class DeploymentRuntime:
         self._rr = 0
         self.source = RequestSource(env, scenario, index, self.submit, rng)
         self.source.on_exhausted = plant.check_done
+        prompt_mean, output_mean = token_means(scenario, index)
+        self.perf_model = PhysicsModel(self.phys, cfg.replicas, prompt_mean, output_mean,
+                                  cfg.engine.max_num_batched_tokens,
+                                  static_batches=isinstance(cfg.workload, StaticBatchesWorkload))
+        self.target_tokens_per_s = resolve_target(cfg, self.perf_model, self.gpu_spec.power_limit_max_w)
         c = scenario.control
         self.controller: Controller = build_controller(c.policy, ControllerContext(
             deployment=cfg.name, num_gpus=len(self.gpus),
             power_limit_range_w=(self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w),
             default_power_limit_w=self.gpu_spec.default_power_limit_w, max_num_seqs=cfg.engine.max_num_seqs,
             period_s=c.period_s, power_cap_w=c.power_cap_w, control_max_num_seqs=c.max_num_seqs,
-            params=dict(c.params)))
+            params=dict(c.params), model=self.perf_model))
         self.max_num_seqs = cfg.engine.max_num_seqs
         self._last_action: Action | None = None
         # Telemetry state at the previous sample.
@@ -84,6 +102,16 @@ class DeploymentRuntime:
         self.last_busy_s = [0.0] * len(self.engines)
         self.last_clock_s = [0.0] * len(self.engines)
         self.last_tokens = [0] * len(self.engines)
+
+    def claim(self) -> Claim:
+        """What this deployment asks of a shared budget: the GPU power its target needs, per its model."""
+        lo, hi = self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w
+        need = math.nan
+        if not math.isnan(self.target_tokens_per_s):
+            best = choose(self.perf_model, cap_candidates(lo, hi, 25.0), batch_candidates(self.cfg.engine.max_num_seqs),
+                          len(self.gpus), self.target_tokens_per_s, math.inf)
+            need = best.power_cap_w * len(self.gpus)
+        return Claim(len(self.gpus), lo, hi, need)
 
     def events_scheduled(self) -> int:
         """Simulation events this deployment's components scheduled."""
@@ -197,6 +225,9 @@ class SimPlant:
         self.timeseries = Timeseries()
         self.budget_windows: list[tuple[float, float, float]] = []
         self._last_sample_s = 0.0
+        self._split_for = math.nan
+        self._split_cache = Split((), True)
+        self.infeasible_windows = 0
         self.env.timeout(scenario.duration_s).callbacks.append(lambda _ev: self._stop_now())
         self.env.process(self._control_loop())
 
@@ -209,14 +240,21 @@ class SimPlant:
         if not self._stop.triggered:
             self._stop.succeed()
 
-    def _budget_share(self, dep: DeploymentRuntime, total_budget: float) -> float:
-        return total_budget * len(dep.gpus) / self.total_gpus
+    def _split(self, total_budget: float) -> Split:
+        """Shares of the budget in force (recomputed only when the budget changes)."""
+        if total_budget != self._split_for:
+            claims = [d.claim() for d in self.deployments]
+            split_fn = need_split if self.scenario.power.split == "need" else even_split
+            self._split_cache = split_fn(total_budget, claims)
+            self._split_for = total_budget
+        return self._split_cache
 
     def _control_loop(self):
         period = self.scenario.control.period_s
         # Apply the initial action at t=0 (before any telemetry), as a real loop would on start-up.
-        for dep in self.deployments:
-            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=self.budget.at(0.0))))
+        budget = self.budget.at(0.0)
+        for dep, share in zip(self.deployments, self._split(budget).shares_w, strict=True):
+            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=budget, share=share)))
         while True:
             self.control_ticks += 1
             yield self.env.timeout(period)
@@ -229,16 +267,19 @@ class SimPlant:
         if window <= 0:
             return
         budget = self.budget.at(self._last_sample_s)
+        split = self._split(budget)
+        self.infeasible_windows += not split.feasible
         total_power = 0.0
-        for dep in self.deployments:
-            obs = self._observe(dep, window, record=True, budget=budget)
+        for dep, share in zip(self.deployments, split.shares_w, strict=True):
+            obs = self._observe(dep, window, record=True, budget=budget, share=share)
             total_power += sum(obs.gpu_power_w)
             if act:
                 dep.apply(dep.controller.decide(obs))
         self.budget_windows.append((now, total_power, budget))
         self._last_sample_s = now
 
-    def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float = math.inf) -> Observation:
+    def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float = math.inf,
+                 share: float = math.inf) -> Observation:
         now = self.env.now
         powers: list[float] = []
         caps: list[float] = []
@@ -282,7 +323,7 @@ class SimPlant:
             power_limit_range_w=dep.gpus[0].get_power_limit_range_w(), max_num_seqs=dep.max_num_seqs,
             queue_len=sum(len(e.waiting) for e in dep.engines), running=sum(e.num_running for e in dep.engines),
             ttft_p50_s=ttft, tpot_p50_s=_median(tpots),
-            budget_w=self._budget_share(dep, budget))
+            budget_w=share, throughput_target_tokens_per_s=dep.target_tokens_per_s)
 
     def run(self) -> RunResult:
         """Run to ``duration_s`` (or until a finite workload is served) and return the records."""

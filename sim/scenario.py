@@ -191,6 +191,20 @@ class SloConfig(_Model):
                                                          "(None: none).")
 
 
+class ThroughputTarget(_Model):
+    """The output throughput a deployment must keep (controllers see it; QoS violations count against it)."""
+
+    tokens_per_s: float | None = Field(None, gt=0, description="Absolute target, output tokens/s (deployment).")
+    fraction_of_max: float | None = Field(None, gt=0, le=1, description="Target as a fraction of the throughput "
+                                          "the offline model predicts at the max cap and max batch.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ThroughputTarget:
+        if (self.tokens_per_s is None) == (self.fraction_of_max is None):
+            raise ValueError("give exactly one of tokens_per_s and fraction_of_max")
+        return self
+
+
 class DeploymentConfig(_Model):
     """One model served by identical replicas behind a router."""
 
@@ -205,6 +219,7 @@ class DeploymentConfig(_Model):
     slo: SloConfig = Field(default_factory=SloConfig)
     router: Literal["least-loaded", "round-robin"] = Field("least-loaded", description="Replica choice per request.")
     expert_routing: ExpertRoutingConfig = Field(default_factory=ExpertRoutingConfig)
+    throughput_target: ThroughputTarget | None = Field(None, description="Throughput to keep (None: none).")
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:
@@ -229,6 +244,13 @@ class PowerConfig(_Model):
         None, description="Budget on the total GPU power of the scenario: a number (W), a schedule "
                           "[{at_s, w}, ...], or a CSV path with columns at_s,w. None: no budget.")
     cap_actuation_delay_s: float = Field(0.1, ge=0, description="Delay between setting a cap and its effect.")
+    split: Literal["need", "even"] = Field(
+        "need", description="How a budget is shared between deployments: need = first what each needs for its "
+                            "throughput target (offline model), the rest by GPU count; even = by GPU count.")
+    gpus_per_node: int = Field(8, ge=1, description="GPUs per node, for system power.")
+    node_power_factor: float = Field(1.05, gt=0, description="System power = factor x GPU power + overhead per node "
+                                                             "(PALS: 1.05).")
+    node_overhead_w: float = Field(345.0, ge=0, description="Per-node power besides the GPUs (PALS: 340-350 W).")
 
     @field_validator("budget_w", mode="before")
     @classmethod
@@ -260,9 +282,12 @@ class ControlConfig(_Model):
 
     policy: str = Field("static", description="Registered policy name, or module:Class for a user policy.")
     period_s: float = Field(0.5, gt=0, description="Control period (s); telemetry is sampled at this period.")
-    power_cap_w: float | None = Field(None, gt=0, description="Per-GPU power cap (static; None: GPU default).")
-    max_num_seqs: int | None = Field(None, ge=1, description="Batch knob (static; None: the engine's max_num_seqs).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Policy-specific parameters.")
+    power_cap_w: float | None = Field(None, gt=0, description="Fixed per-GPU power cap of static and batch-only "
+                                                              "(None: the GPU's default limit).")
+    max_num_seqs: int | None = Field(None, ge=1, description="Fixed batch knob of static and cap-only (None: the "
+                                                             "engine's max_num_seqs).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Policy parameters: cap_step_w (25), kp (0.5), "
+                                   "ki (0.2), kd (0), error_threshold (0.05), persist_periods (3).")
 
 
 class Scenario(_Model):

@@ -7,6 +7,7 @@ errors that name the file and line.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -141,10 +142,20 @@ def _read_csv_rows(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def load_trace(path: str | Path, fmt: str) -> pd.DataFrame:
-    """Read a trace as a DataFrame ``arrival_s, prompt_tokens, output_tokens`` sorted by arrival (from 0)."""
+    """Read a trace as a DataFrame ``arrival_s, prompt_tokens, output_tokens`` sorted by arrival (from 0).
+
+    Reads are cached per file version (path, size, modification time); treat the frame as read-only.
+    """
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: trace file not found")
+    st = path.stat()
+    return _load_trace_cached(str(path), fmt, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_trace_cached(path_text: str, fmt: str, _size: int, _mtime_ns: int) -> pd.DataFrame:
+    path = Path(path_text)
     cols = ("arrival_s", "prompt_tokens", "output_tokens")
     if fmt == "mooncake":
         values: dict[str, list] = {c: [] for c in cols}
@@ -340,3 +351,20 @@ class RequestSource:
                 self._finish_source()
             else:
                 self._static_batch()
+
+
+def token_means(scenario: Scenario, deployment_index: int) -> tuple[float, float]:
+    """Mean prompt and output tokens of a deployment's workload (what an offline model plans for).
+
+    Traces: the file's means. Generated workloads: the means of 8,192 draws from a stream of its own, so the
+    workload's own random streams are untouched.
+    """
+    w = scenario.deployments[deployment_index].workload
+    if isinstance(w, TraceWorkload):
+        df = load_trace(scenario.resolve_path(w.path), w.format)
+        if w.requests is not None:
+            df = df.iloc[: w.requests]
+        return float(df["prompt_tokens"].mean()), float(df["output_tokens"].mean())
+    rng = np.random.default_rng(np.random.SeedSequence([scenario.seed, deployment_index, 0x70C3]))
+    return (float(sample_tokens(w.prompt_tokens, 8192, rng).mean()),
+            float(sample_tokens(w.output_tokens, 8192, rng).mean()))

@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from sim.errors import PalsError
+
+if TYPE_CHECKING:
+    from sim.control.models import PerformanceModel
 
 
 class ControllerError(PalsError):
@@ -68,6 +71,7 @@ class ControllerContext:
     power_cap_w: float | None
     control_max_num_seqs: int | None
     params: dict[str, Any] = field(default_factory=dict)
+    model: PerformanceModel | None = None  # offline model of this deployment (None: the policy needs none)
 
 
 class StaticController:
@@ -82,16 +86,24 @@ class StaticController:
         return self._action
 
 
-REGISTRY: dict[str, type] = {"static": StaticController}
+def _registry() -> dict[str, type]:
+    from sim.control.policies import BatchOnlyController, CapOnlyController, OracleController, PalsController
+
+    return {"static": StaticController, "batch-only": BatchOnlyController, "cap-only": CapOnlyController,
+            "pals": PalsController, "oracle": OracleController}
+
+
+POLICY_NAMES = ("static", "batch-only", "cap-only", "pals", "oracle")
 
 
 def build_controller(policy: str, ctx: ControllerContext) -> Controller:
     """Instantiate a registered policy or a ``module:Class`` one (constructed with the context)."""
-    cls = REGISTRY.get(policy)
+    registry = _registry()
+    cls = registry.get(policy)
     if cls is None:
         if ":" not in policy:
             raise ControllerError(f"control.policy: unknown policy {policy!r}; expected one of "
-                                  f"{', '.join(sorted(REGISTRY))} or module:Class")
+                                  f"{', '.join(POLICY_NAMES)} or module:Class")
         mod_name, _, cls_name = policy.partition(":")
         try:
             cls = getattr(importlib.import_module(mod_name), cls_name)

@@ -1,0 +1,107 @@
+"""Offline power-performance models: predicted throughput and power of a deployment at (cap, batch).
+
+``PhysicsModel`` asks ``sim.physics`` for the steady state of a saturated engine: every iteration each of the
+``b`` running sequences yields a token, and over ``O`` iterations (``P``, ``O``: mean prompt and output
+lengths) every sequence is replaced once, so ``b`` prompts are prefilled in mixed steps beside the decodes.
+Static batches (the PALS profiling style) are costed batch by batch: chunked prefill of the whole batch,
+then ``O - 1`` decode iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from sim.physics import ReplicaPhysics, StepWork
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's estimate for one configuration."""
+
+    tokens_per_s: float  # output tokens, whole deployment
+    power_w_per_gpu: float
+
+    def tokens_per_j(self, num_gpus: int) -> float:
+        """Output tokens per joule of GPU energy."""
+        return self.tokens_per_s / (self.power_w_per_gpu * num_gpus)
+
+
+class PerformanceModel(Protocol):
+    """Predicts a deployment's throughput and per-GPU power at a cap and batch knob."""
+
+    def predict(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+        """Estimate for every GPU capped at ``power_cap_w`` and at most ``max_num_seqs`` running per replica."""
+
+
+class PhysicsModel:
+    """Steady-state predictions from the simulator's physics (no simulation run)."""
+
+    def __init__(self, phys: ReplicaPhysics, replicas: int, prompt_tokens_mean: float, output_tokens_mean: float,
+                 max_num_batched_tokens: int, static_batches: bool = False) -> None:
+        self.phys = phys
+        self.replicas = replicas
+        self.prompt = max(1.0, prompt_tokens_mean)
+        self.output = max(1.0, output_tokens_mean)
+        self.budget = max_num_batched_tokens
+        self.static_batches = static_batches
+        self._cache: dict[tuple[float, int], Prediction] = {}
+
+    def predict(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+        """Saturated throughput and per-GPU power at this cap and batch knob."""
+        key = (float(power_cap_w), int(max_num_seqs))
+        hit = self._cache.get(key)
+        if hit is None:
+            if self.static_batches:
+                hit = self._static(power_cap_w, max(1, int(max_num_seqs)))
+            else:
+                hit = self._continuous(power_cap_w, max(1, int(max_num_seqs)))
+            self._cache[key] = hit
+        return hit
+
+    def _run(self, works: list[tuple[StepWork, float]], cap_w: float) -> tuple[float, float]:
+        """Time and energy of weighted steps, each at the clock its cap allows."""
+        phys = self.phys
+        t_total = e_total = 0.0
+        for work, count in works:
+            f = phys.clock_for_cap(work, cap_w)
+            t = phys.step_time_s(work, f)
+            t_total += count * t
+            e_total += count * phys.step_energy_j(work, f, t)
+        return t_total, e_total
+
+    def _continuous(self, cap_w: float, b: int) -> Prediction:
+        p, o = self.prompt, self.output
+        # The step budget bounds how many sequences can be kept running: b·(1 + P/O) tokens per iteration.
+        b = min(float(b), self.budget / (1.0 + p / o))
+        # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled, spread
+        # over min(b, O) iterations (staggered finishes), each such step also decoding the others.
+        n_mixed = max(1.0, min(b, o))
+        per_step = b / n_mixed
+        prefill = per_step * p
+        ctx = (b - per_step) * (p + o / 2.0)
+        mixed = self.phys.step_work(max(1, round(b - per_step + prefill)), max(1, round(b)), max(1, round(b)),
+                                    ctx + per_step * p * (p + 1) / 2.0, ctx + prefill)
+        steps = [(mixed, n_mixed)]
+        if o > n_mixed:
+            ctx = b * (p + o / 2.0)
+            decode = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
+            steps.append((decode, o - n_mixed))
+        t, e = self._run(steps, cap_w)
+        return Prediction(self.replicas * b * o / t, e / t)
+
+    def _static(self, cap_w: float, b: int) -> Prediction:
+        p, o = self.prompt, self.output
+        prompt_tokens = b * p
+        chunks = max(1, math.ceil(prompt_tokens / self.budget))
+        chunk = prompt_tokens / chunks
+        # Prefill: chunks of the batch's prompts (each token attends about half its prompt).
+        pre = self.phys.step_work(max(1, round(chunk)), max(1, round(b / chunks)), b, chunk * p / 2.0 + chunk,
+                                  chunk + b * p / chunks)
+        steps = [(pre, float(chunks))]
+        if o > 1:
+            ctx = b * (p + o / 2.0)
+            steps.append((self.phys.step_work(b, b, b, ctx, ctx), o - 1.0))
+        t, e = self._run(steps, cap_w)
+        return Prediction(self.replicas * b * o / t, e / t)

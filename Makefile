@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/pals run scenarios/quickstart.yaml --out runs/quickstart
+	$(VENV)/bin/pals compare scenarios/quickstart.yaml --policies static,pals --out runs/quickstart
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -67,6 +67,37 @@ def run(
 
 
 @app.command()
+def compare(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
+    policies: Annotated[str, typer.Option("--policies", "-p", help="Comma-separated policies.")] = "static,pals",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/compare"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: a.b.0.c=value (repeatable).")]
+    = None,
+) -> None:
+    """Run a scenario under several policies; print their totals side by side and write DIR/<policy>/ outputs,
+    DIR/compare.json and DIR/report.html."""
+    from sim.compare import compare_rows, run_compare
+    from sim.scenario import load_scenario
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        if out.exists() and not out.is_dir():
+            raise PalsError(f"--out {out}: exists and is not a folder")
+        sc = load_scenario(scenario, set_ or [])
+        results = run_compare(sc, names, out)
+    except PalsError as exc:
+        _fail(exc)
+    header, rows = compare_rows({p: r.summary for p, r in results.items()})
+    table = Table(title=f"{sc.name}: totals by policy (seed {sc.seed})")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"outputs in {out}/<policy>/  (comparison report: {out / 'report.html'})")
+
+
+@app.command()
 def schema() -> None:
     """Print the scenario JSON schema."""
     from sim.scenario import Scenario

@@ -88,11 +88,35 @@ def _violations(power: np.ndarray, budget: np.ndarray) -> float:
     return float(np.mean(power[bound] > budget[bound] * (1 + BUDGET_TOLERANCE)))
 
 
+def _tracking_error(power: np.ndarray, budget: np.ndarray) -> float:
+    """Mean |power - budget| (W) over the windows with a budget in force (nan: no budget)."""
+    bound = np.isfinite(budget)
+    return float(np.mean(np.abs(power[bound] - budget[bound]))) if bound.any() else math.nan
+
+
+def _qos(throughput: np.ndarray, target: np.ndarray) -> float:
+    """Share of control windows with throughput below the target (nan: no target)."""
+    has = np.isfinite(target)
+    return float(np.mean(throughput[has] < target[has])) if has.any() else math.nan
+
+
+def _mean_defined(values: list[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
+def _system_energy_j(gpu_power_w: np.ndarray, window_s: np.ndarray, num_gpus: int, power: Any) -> float:
+    """Node-level energy: factor x GPU power + overhead per node (PALS: 1.05 x sum + 340-350 W per node)."""
+    nodes = math.ceil(num_gpus / power.gpus_per_node)
+    return float(np.sum((power.node_power_factor * gpu_power_w + power.node_overhead_w * nodes) * window_s))
+
+
 def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFrame) -> dict[str, Any]:
     """The run summary (``summary.json``)."""
     end = result.end_s
     deployments: dict[str, Any] = {}
-    tot_energy = tot_tokens = 0.0
+    tot_energy = tot_tokens = tot_system_j = 0.0
+    power_cfg = result.scenario.power
     tot_completed = tot_dropped = tot_slo = 0
     total_gpus = sum(len(d.gpus) for d in result.deployments)
     for dep in result.deployments:
@@ -102,8 +126,13 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         tokens = float(sum(e.tokens_generated_now() for e in dep.engines))
         slo = _slo_met(done, dep.cfg.slo.ttft_s, dep.cfg.slo.tpot_s)
         ts = timeseries[timeseries["deployment"] == dep.name]
-        per_window = ts.groupby("time_s", sort=True).agg(power=("power_w", "sum"), budget=("budget_w", "first"))
-        share = len(dep.gpus) / total_gpus
+        per_window = ts.groupby("time_s", sort=True).agg(
+            power=("power_w", "sum"), share=("budget_share_w", "first"), window=("window_s", "first"),
+            target=("target_tokens_per_s", "first"))
+        replica_tput = ts.drop_duplicates(["time_s", "replica"]).groupby("time_s", sort=True)[
+            "throughput_tokens_per_s"].sum()
+        power, share_w = per_window["power"].to_numpy(), per_window["share"].to_numpy()
+        system_j = _system_energy_j(power, per_window["window"].to_numpy(), len(dep.gpus), power_cfg)
         deployments[dep.name] = {
             "model": dep.model.name, "gpu": dep.gpu_spec.name, "num_gpus": len(dep.gpus),
             "requests_submitted": len(reqs), "requests_completed": len(done), "requests_dropped": len(reqs) - len(done),
@@ -112,8 +141,11 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
             "tokens_per_j": tokens / energy if energy > 0 else 0.0,
             **_latency(done),
             "slo_attainment": slo / len(reqs) if len(reqs) else math.nan,
-            "budget_violation_fraction": _violations(per_window["power"].to_numpy(),
-                                                     per_window["budget"].to_numpy() * share),
+            "budget_violation_fraction": _violations(power, share_w),
+            "power_tracking_error_w": _tracking_error(power, share_w),
+            "throughput_target_tokens_per_s": dep.target_tokens_per_s,
+            "qos_violation_fraction": _qos(replica_tput.to_numpy(), per_window["target"].to_numpy()),
+            "system_energy_j": system_j, "system_tokens_per_j": tokens / system_j if system_j > 0 else 0.0,
             "kv_cache_tokens_per_replica": dep.kv_capacity_tokens,
             "engine_iterations": int(sum(e.iterations for e in dep.engines)),
             "preemptions": int(sum(e.preemptions for e in dep.engines)),
@@ -121,6 +153,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
             "wall_s": result.wall_s,
         }
         tot_energy += energy
+        tot_system_j += system_j
         tot_tokens += tokens
         tot_completed += len(done)
         tot_dropped += len(reqs) - len(done)
@@ -136,6 +169,10 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         **_latency(done_all),
         "slo_attainment": tot_slo / len(requests) if len(requests) else math.nan,
         "budget_violation_fraction": _violations(bw[:, 1], bw[:, 2]),
+        "power_tracking_error_w": _tracking_error(bw[:, 1], bw[:, 2]),
+        "budget_infeasible_fraction": result.infeasible_windows / len(bw) if len(bw) else 0.0,
+        "qos_violation_fraction": _mean_defined([d["qos_violation_fraction"] for d in deployments.values()]),
+        "system_energy_j": tot_system_j, "system_tokens_per_j": tot_tokens / tot_system_j if tot_system_j > 0 else 0.0,
         "sim_events": result.sim_events, "wall_s": result.wall_s,
     }
     return {"scenario": result.scenario.name, "seed": result.scenario.seed, "policy": result.scenario.control.policy,

@@ -186,10 +186,10 @@ class Timeseries:
 
 RECORD_COLUMNS = ("time_s", "window_s", "deployment", "replica", "first_gpu", "num_gpus", "power_w", "energy_j",
                    "power_cap_w", "clock_mhz", "utilization", "batch", "max_num_seqs", "waiting",
-                   "throughput_tokens_per_s", "budget_w")
+                   "throughput_tokens_per_s", "budget_w", "budget_share_w", "target_tokens_per_s")
 TIMESERIES_COLUMNS = ("time_s", "window_s", "deployment", "replica", "gpu", "power_w", "energy_j", "power_cap_w",
                       "clock_mhz", "utilization", "batch", "max_num_seqs", "waiting", "throughput_tokens_per_s",
-                      "budget_w")
+                      "budget_w", "budget_share_w", "target_tokens_per_s")
 
 
 @dataclass
@@ -203,6 +203,7 @@ class RunResult:
     budget_windows: list[tuple[float, float, float]]  # (window end, total GPU power, budget) per period
     sim_events: int
     wall_s: float
+    infeasible_windows: int = 0  # windows whose budget was below the sum of the lowest caps
 
 
 class SimPlant:
@@ -225,8 +226,7 @@ class SimPlant:
         self.timeseries = Timeseries()
         self.budget_windows: list[tuple[float, float, float]] = []
         self._last_sample_s = 0.0
-        self._split_for = math.nan
-        self._split_cache = Split((), True)
+        self._splits: dict[float, Split] = {}
         self.infeasible_windows = 0
         self.env.timeout(scenario.duration_s).callbacks.append(lambda _ev: self._stop_now())
         self.env.process(self._control_loop())
@@ -241,20 +241,21 @@ class SimPlant:
             self._stop.succeed()
 
     def _split(self, total_budget: float) -> Split:
-        """Shares of the budget in force (recomputed only when the budget changes)."""
-        if total_budget != self._split_for:
+        """Shares of a budget between the deployments (computed once per budget level)."""
+        split = self._splits.get(total_budget)
+        if split is None:
             claims = [d.claim() for d in self.deployments]
             split_fn = need_split if self.scenario.power.split == "need" else even_split
-            self._split_cache = split_fn(total_budget, claims)
-            self._split_for = total_budget
-        return self._split_cache
+            split = self._splits[total_budget] = split_fn(total_budget, claims)
+        return split
 
     def _control_loop(self):
         period = self.scenario.control.period_s
         # Apply the initial action at t=0 (before any telemetry), as a real loop would on start-up.
         budget = self.budget.at(0.0)
         for dep, share in zip(self.deployments, self._split(budget).shares_w, strict=True):
-            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=budget, share=share)))
+            dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=budget, share=share,
+                                                          next_share=share)))
         while True:
             self.control_ticks += 1
             yield self.env.timeout(period)
@@ -266,20 +267,24 @@ class SimPlant:
         window = now - self._last_sample_s
         if window <= 0:
             return
-        budget = self.budget.at(self._last_sample_s)
+        budget = self.budget.at(self._last_sample_s)  # in force during the window just ended
         split = self._split(budget)
         self.infeasible_windows += not split.feasible
+        upcoming = self._split(self.budget.at(now))  # in force from now on: what the controllers must respect
         total_power = 0.0
-        for dep, share in zip(self.deployments, split.shares_w, strict=True):
-            obs = self._observe(dep, window, record=True, budget=budget, share=share)
+        for i, dep in enumerate(self.deployments):
+            obs = self._observe(dep, window, record=True, budget=budget, share=split.shares_w[i],
+                                next_share=upcoming.shares_w[i])
             total_power += sum(obs.gpu_power_w)
             if act:
                 dep.apply(dep.controller.decide(obs))
         self.budget_windows.append((now, total_power, budget))
         self._last_sample_s = now
 
-    def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float = math.inf,
-                 share: float = math.inf) -> Observation:
+    def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float, share: float,
+                 next_share: float) -> Observation:
+        """Telemetry of the window just ended (recorded against the budget and share then in force), as an
+        observation that carries the share in force from now on."""
         now = self.env.now
         powers: list[float] = []
         caps: list[float] = []
@@ -309,7 +314,7 @@ class SimPlant:
             if record:  # one record per replica; expanded to one row per GPU when the frame is built
                 rows.append((now, window, dep.name, r, rep_gpus[0].index, n_per, power, energy, rep_caps,
                              clock, util, engine.num_running, engine.max_num_seqs,
-                             len(engine.waiting), d_tokens * inv, budget))
+                             len(engine.waiting), d_tokens * inv, budget, share, dep.target_tokens_per_s))
         finished = dep.window_finished
         dep.window_finished = []
         firsts = dep.window_first_tokens
@@ -323,7 +328,7 @@ class SimPlant:
             power_limit_range_w=dep.gpus[0].get_power_limit_range_w(), max_num_seqs=dep.max_num_seqs,
             queue_len=sum(len(e.waiting) for e in dep.engines), running=sum(e.num_running for e in dep.engines),
             ttft_p50_s=ttft, tpot_p50_s=_median(tpots),
-            budget_w=share, throughput_target_tokens_per_s=dep.target_tokens_per_s)
+            budget_w=next_share, throughput_target_tokens_per_s=dep.target_tokens_per_s)
 
     def run(self) -> RunResult:
         """Run to ``duration_s`` (or until a finite workload is served) and return the records."""
@@ -337,7 +342,7 @@ class SimPlant:
                     dep.dropped.append(req)
         wall = time.perf_counter() - t0
         return RunResult(self.scenario, self.env.now, self.deployments, self.timeseries, self.budget_windows,
-                         self.events_scheduled(), wall)
+                         self.events_scheduled(), wall, self.infeasible_windows)
 
     def events_scheduled(self) -> int:
         """Simulation events scheduled: engine steps and wake-ups, arrivals, cap actuations, control ticks."""

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds -s 
+
+reproduce: setup
+	$(VENV)/bin/pals reproduce --out runs/reproduce
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .benchmarks

@@ -70,8 +70,27 @@ def max_model_len(dep: DeploymentConfig, model: ModelSpec) -> int:
     return dep.engine.max_model_len or model.max_position_embeddings
 
 
+def num_nodes(scenario: Scenario) -> int:
+    """Nodes the scenario's GPUs fill (each deployment on whole nodes)."""
+    per = scenario.power.gpus_per_node
+    return sum(math.ceil(d.replicas * d.parallelism.tensor * d.parallelism.data / per) for d in scenario.deployments)
+
+
 def load_budget(scenario: Scenario) -> BudgetSchedule:
-    """The scenario's budget as a schedule (CSV files: columns at_s,w)."""
+    """The scenario's budget on total GPU power, as a schedule (CSV files: columns at_s,w).
+
+    A budget on system power (``power.budget_applies_to: system``) becomes the GPU power it leaves:
+    ``(budget - nodes x node_overhead_w) / node_power_factor``.
+    """
+    raw = _raw_budget(scenario)
+    p = scenario.power
+    if p.budget_applies_to == "gpu" or not raw.times_s:
+        return raw
+    overhead = num_nodes(scenario) * p.node_overhead_w
+    return BudgetSchedule(raw.times_s, tuple(max(0.0, (w - overhead) / p.node_power_factor) for w in raw.watts))
+
+
+def _raw_budget(scenario: Scenario) -> BudgetSchedule:
     b = scenario.power.budget_w
     if b is None:
         return BudgetSchedule((), ())

@@ -98,6 +98,26 @@ def compare(
 
 
 @app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/reproduce"),
+    quick: Annotated[bool, typer.Option("--quick", help="Shortened runs (minutes of simulated time).")] = False,
+) -> None:
+    """Reproduce the PALS paper's three experiments (and again on 8xH100): DIR/reproduction.json,
+    DIR/reproduction.md (ours beside the paper's) and DIR/report.html."""
+    from sim.reproduce import reproduce as run_reproduction
+    from sim.reproduce import reproduction_markdown
+
+    try:
+        if out.exists() and not out.is_dir():
+            raise PalsError(f"--out {out}: exists and is not a folder")
+        result = run_reproduction(out, quick=quick)
+    except PalsError as exc:
+        _fail(exc)
+    console.print(reproduction_markdown(result), markup=False, highlight=False)
+    console.print(f"outputs in {out}/")
+
+
+@app.command()
 def schema() -> None:
     """Print the scenario JSON schema."""
     from sim.scenario import Scenario

@@ -103,13 +103,21 @@ class DeploymentRuntime:
         self.last_clock_s = [0.0] * len(self.engines)
         self.last_tokens = [0] * len(self.engines)
 
-    def claim(self) -> Claim:
-        """What this deployment asks of a shared budget: the GPU power its target needs, per its model."""
+    def target_correction(self) -> float:
+        """How far above its target the controller aims (margin x PID correction), rounded to 2 %: 1 for
+        policies without feedback."""
+        margin = float(getattr(self.controller, "margin", 0.0))
+        correction = float(getattr(self.controller, "correction", 1.0))
+        return round((1.0 + margin) * correction / 0.02) * 0.02
+
+    def claim(self, correction: float) -> Claim:
+        """What this deployment asks of a shared budget: the GPU power that its (corrected) target needs,
+        per its offline model."""
         lo, hi = self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w
         need = math.nan
         if not math.isnan(self.target_tokens_per_s):
             best = choose(self.perf_model, cap_candidates(lo, hi, 25.0), batch_candidates(self.cfg.engine.max_num_seqs),
-                          len(self.gpus), self.target_tokens_per_s, math.inf)
+                          len(self.gpus), self.target_tokens_per_s * correction, math.inf)
             need = best.power_cap_w * len(self.gpus)
         return Claim(len(self.gpus), lo, hi, need)
 
@@ -241,12 +249,20 @@ class SimPlant:
             self._stop.succeed()
 
     def _split(self, total_budget: float) -> Split:
-        """Shares of a budget between the deployments (computed once per budget level)."""
-        split = self._splits.get(total_budget)
+        """Shares of a budget between the deployments. The need split follows each controller's feedback:
+        a deployment whose PID finds its target harder to reach than its model predicted claims more."""
+        deps = self.deployments
+        if len(deps) == 1 or not math.isfinite(total_budget) or self.scenario.power.split == "even":
+            key: tuple = (total_budget,)
+            make = even_split
+        else:
+            key = (total_budget, *(d.target_correction() for d in deps))
+            make = need_split
+        split = self._splits.get(key)
         if split is None:
-            claims = [d.claim() for d in self.deployments]
-            split_fn = need_split if self.scenario.power.split == "need" else even_split
-            split = self._splits[total_budget] = split_fn(total_budget, claims)
+            corrections = key[1:] or (1.0,) * len(deps)
+            claims = [d.claim(c) for d, c in zip(deps, corrections, strict=True)]
+            split = self._splits[key] = make(total_budget, claims)
         return split
 
     def _control_loop(self):

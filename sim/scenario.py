@@ -247,6 +247,10 @@ class PowerConfig(_Model):
     split: Literal["need", "even"] = Field(
         "need", description="How a budget is shared between deployments: need = first what each needs for its "
                             "throughput target (offline model), the rest by GPU count; even = by GPU count.")
+    budget_applies_to: Literal["gpu", "system"] = Field(
+        "gpu", description="gpu: budget_w bounds the total GPU power; system: it bounds node power "
+                           "(node_power_factor x GPU power + node_overhead_w per node), as in the PALS cluster "
+                           "experiments.")
     gpus_per_node: int = Field(8, ge=1, description="GPUs per node, for system power.")
     node_power_factor: float = Field(1.05, gt=0, description="System power = factor x GPU power + overhead per node "
                                                              "(PALS: 1.05).")
@@ -286,8 +290,9 @@ class ControlConfig(_Model):
                                                               "(None: the GPU's default limit).")
     max_num_seqs: int | None = Field(None, ge=1, description="Fixed batch knob of static and cap-only (None: the "
                                                              "engine's max_num_seqs).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Policy parameters: cap_step_w (25), kp (0.5), "
-                                   "ki (0.2), kd (0), error_threshold (0.05), persist_periods (3).")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Policy parameters: cap_step_w (25), kp (0.5), ki (0.2), kd (0), "
+                                          "error_threshold (0.05), persist_periods (3), target_margin (0.05).")
 
 
 class Scenario(_Model):

@@ -34,7 +34,7 @@ class ToyModel:
 def _ctx(**kw) -> ControllerContext:
     base = dict(deployment="d", num_gpus=1, power_limit_range_w=(100.0, 300.0), default_power_limit_w=300.0,
                 max_num_seqs=4, period_s=0.5, power_cap_w=None, control_max_num_seqs=None,
-                params={"cap_step_w": 100.0}, model=ToyModel())
+                params={"cap_step_w": 100.0, "target_margin": 0.0}, model=ToyModel())
     base.update(kw)
     return ControllerContext(**base)
 
@@ -91,7 +91,8 @@ def test_budget_change_applies_at_once():
     assert _knobs(ctrl.decide(_obs(150.0, target=math.nan))) == (100, 4)
     # A budget appears: highest throughput within 250 W, at once, without waiting for the error to persist.
     assert _knobs(ctrl.decide(_obs(150.0, target=math.nan, budget=250.0))) == (200, 4)
-    assert _knobs(ctrl.decide(_obs(150.0, target=math.nan, budget=120.0))) == (100, 4)
+    # The share itself is a candidate: a 120 W budget is used to the watt.
+    assert _knobs(ctrl.decide(_obs(150.0, target=math.nan, budget=120.0))) == (120, 4)
 
 
 def test_infeasible_target_falls_back_to_max_throughput_within_budget():
@@ -99,7 +100,7 @@ def test_infeasible_target_falls_back_to_max_throughput_within_budget():
     best = choose(model, [100, 200, 300], [1, 2, 4], 1, 1e9, math.inf)
     assert (best.power_cap_w, best.max_num_seqs) == (200, 4)  # 200 tok/s; 300 W gives no more: lower cap wins
     within = choose(model, [100, 200, 300], [1, 2, 4], 1, 1e9, 150.0)
-    assert (within.power_cap_w, within.max_num_seqs) == (100, 4)
+    assert (within.power_cap_w, within.max_num_seqs) == (150, 4)  # the budget share itself
 
 
 def test_cap_only_tracks_the_budget_share_without_a_target():

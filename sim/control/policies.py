@@ -9,7 +9,8 @@ steps × batch sizes 1, 2, 4, … up to the engine's ``max_num_seqs``) with an o
   tokens/J.
 
 ``pals`` chooses cap and batch jointly; ``batch-only`` keeps the cap fixed; ``cap-only`` keeps the batch
-fixed (and, without a target, tracks the budget share with its cap). A new configuration is applied only
+fixed (and, without a target, tracks the budget share with its cap). Policies aim ``target_margin`` (5 %)
+above the target, since the QoS metric counts control windows below it. A new configuration is applied only
 when the throughput error stays beyond 5 % for ``persist_periods`` periods, or at once when the budget or
 the target changes. ``oracle`` searches the same grid every period with the plant's own physics and no
 hysteresis: the upper bound.
@@ -58,9 +59,12 @@ def choose(model: PerformanceModel, caps: list[float], batches: list[int], num_g
            cap_limit_w: float) -> Choice:
     """The policy rule over a candidate grid (see the module docstring).
 
-    Caps above ``cap_limit_w`` (the per-GPU budget share) are excluded; if that leaves none, the lowest cap.
+    Caps above ``cap_limit_w`` (the per-GPU budget share) are excluded, and the limit itself is a candidate
+    when it falls inside the grid's range (so a budget is used to the watt); if nothing fits, the lowest cap.
     """
     allowed = [c for c in caps if c <= cap_limit_w + 1e-9] or [min(caps)]
+    if min(caps) < cap_limit_w < max(caps) and cap_limit_w not in allowed:
+        allowed.append(cap_limit_w)
     grid = [Choice(c, b, model.predict(c, b)) for c in allowed for b in batches]
     if not math.isnan(target):
         meeting = [x for x in grid if x.prediction.tokens_per_s >= target]
@@ -92,6 +96,8 @@ class _ModelPolicy:
         self.batches = batch_candidates(ctx.max_num_seqs) if self.joint_batch else [self.fixed_batch]
         self.pid = Pid(kp=float(p.get("kp", 0.5)), ki=float(p.get("ki", 0.2)), kd=float(p.get("kd", 0.0)))
         self.hysteresis = Hysteresis(float(p.get("error_threshold", 0.05)), int(p.get("persist_periods", 3)))
+        # Aim above the target: the QoS metric counts windows below it, and window throughput fluctuates.
+        self.margin = float(p.get("target_margin", 0.05))
         self.correction = 1.0
         self.action: Action | None = None
         self._budget = math.nan
@@ -101,7 +107,7 @@ class _ModelPolicy:
         return obs.budget_w / self.ctx.num_gpus if math.isfinite(obs.budget_w) else math.inf
 
     def _configure(self, obs: Observation) -> Action:
-        target = obs.throughput_target_tokens_per_s * self.correction
+        target = obs.throughput_target_tokens_per_s * (1.0 + self.margin) * self.correction
         c = choose(self.model, self.caps, self.batches, self.ctx.num_gpus, target, self._decide_cap_limit(obs))
         return Action(tuple([c.power_cap_w] * self.ctx.num_gpus), c.max_num_seqs)
 
@@ -117,7 +123,8 @@ class _ModelPolicy:
             self.action = self._configure(obs)
             return self.action
         if self.uses_feedback and not math.isnan(target) and target > 0 and obs.window_s > 0:
-            error = (target - obs.output_tokens_per_s) / target
+            aim = target * (1.0 + self.margin)
+            error = (aim - obs.output_tokens_per_s) / aim
             self.correction = self.pid.update(error, obs.window_s)
             if self.hysteresis.update(error):
                 self.action = self._configure(obs)

@@ -18,7 +18,7 @@ from sim.build import build_physics, load_budget, max_model_len, resolve_model
 from sim.catalog.gpus import get_gpu
 from sim.control import Action, Controller, ControllerContext, Observation, build_controller
 from sim.control.coordinator import Claim, Split, even_split, need_split
-from sim.control.models import PhysicsModel
+from sim.control.models import PerformanceModel, PhysicsModel, SimulatedModel
 from sim.control.policies import batch_candidates, cap_candidates, choose
 from sim.engine import Engine, kv_capacity_tokens
 from sim.gpu import ActivityLedger, SimGpu
@@ -94,7 +94,7 @@ class DeploymentRuntime:
             power_limit_range_w=(self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w),
             default_power_limit_w=self.gpu_spec.default_power_limit_w, max_num_seqs=cfg.engine.max_num_seqs,
             period_s=c.period_s, power_cap_w=c.power_cap_w, control_max_num_seqs=c.max_num_seqs,
-            params=dict(c.params), model=self.perf_model))
+            params=dict(c.params), model=self._model_for(c.policy, scenario, index)))
         self.max_num_seqs = cfg.engine.max_num_seqs
         self._last_action: Action | None = None
         # Telemetry state at the previous sample.
@@ -102,6 +102,13 @@ class DeploymentRuntime:
         self.last_busy_s = [0.0] * len(self.engines)
         self.last_clock_s = [0.0] * len(self.engines)
         self.last_tokens = [0] * len(self.engines)
+
+    def _model_for(self, policy: str, scenario: Scenario, index: int) -> PerformanceModel:
+        """The offline model a policy plans with: the physics steady state, or, for the oracle, the plant
+        itself measured in short simulations."""
+        if policy == "oracle":
+            return SimulatedModel(scenario, index, float(scenario.control.params.get("oracle_probe_s", 30.0)))
+        return self.perf_model
 
     def target_correction(self) -> float:
         """How far above its target the controller aims (margin x PID correction), rounded to 2 %: 1 for

@@ -292,7 +292,8 @@ class ControlConfig(_Model):
                                                              "engine's max_num_seqs).")
     params: dict[str, Any] = Field(
         default_factory=dict, description="Policy parameters: cap_step_w (25), kp (0.5), ki (0.2), kd (0), "
-                                          "error_threshold (0.05), persist_periods (3), target_margin (0.05).")
+                                          "error_threshold (0.05), persist_periods (3), target_margin (0.10), "
+                                          "smoothing (0.3: EWMA weight of the newest window).")
 
 
 class Scenario(_Model):

@@ -34,7 +34,7 @@ class ToyModel:
 def _ctx(**kw) -> ControllerContext:
     base = dict(deployment="d", num_gpus=1, power_limit_range_w=(100.0, 300.0), default_power_limit_w=300.0,
                 max_num_seqs=4, period_s=0.5, power_cap_w=None, control_max_num_seqs=None,
-                params={"cap_step_w": 100.0, "target_margin": 0.0}, model=ToyModel())
+                params={"cap_step_w": 100.0, "target_margin": 0.0, "smoothing": 1.0}, model=ToyModel())
     base.update(kw)
     return ControllerContext(**base)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sim.physics import ReplicaPhysics, StepWork
 
@@ -105,3 +105,37 @@ class PhysicsModel:
             steps.append((self.phys.step_work(b, b, b, ctx, ctx), o - 1.0))
         t, e = self._run(steps, cap_w)
         return Prediction(self.replicas * b * o / t, e / t)
+
+
+class SimulatedModel:
+    """Perfect knowledge of the simulated plant: each configuration is measured by simulating the deployment
+    itself (its workload, its replicas) with that cap and batch knob held fixed for ``probe_s`` seconds.
+
+    Used by the ``oracle`` policy as the upper bound; too slow for anything else.
+    """
+
+    def __init__(self, scenario: Any, deployment_index: int, probe_s: float = 30.0) -> None:
+        self.scenario = scenario
+        self.index = deployment_index
+        self.probe_s = probe_s
+        self._cache: dict[tuple[float, int], Prediction] = {}
+
+    def predict(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+        """Throughput and per-GPU power measured in a short simulation."""
+        key = (float(power_cap_w), int(max_num_seqs))
+        hit = self._cache.get(key)
+        if hit is None:
+            from sim.run import run_scenario
+            from sim.scenario import scenario_from_dict
+
+            data = self.scenario.model_dump(mode="json", exclude={"base_dir"})
+            data["deployments"] = [data["deployments"][self.index]]
+            data["duration_s"] = min(self.probe_s, data["duration_s"])
+            data["power"] = {**data["power"], "budget_w": None, "cap_actuation_delay_s": 0.0}
+            data["control"] = {"policy": "static", "period_s": data["control"]["period_s"],
+                               "power_cap_w": power_cap_w, "max_num_seqs": int(max_num_seqs)}
+            sc = scenario_from_dict(data, "oracle probe", self.scenario.base_dir)
+            t = run_scenario(sc).summary["totals"]
+            hit = Prediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"])
+            self._cache[key] = hit
+        return hit

@@ -9,11 +9,11 @@ steps × batch sizes 1, 2, 4, … up to the engine's ``max_num_seqs``) with an o
   tokens/J.
 
 ``pals`` chooses cap and batch jointly; ``batch-only`` keeps the cap fixed; ``cap-only`` keeps the batch
-fixed (and, without a target, tracks the budget share with its cap). Policies aim ``target_margin`` (5 %)
+fixed (and, without a target, tracks the budget share with its cap). Policies aim ``target_margin`` (10 %)
 above the target, since the QoS metric counts control windows below it. A new configuration is applied only
 when the throughput error stays beyond 5 % for ``persist_periods`` periods, or at once when the budget or
-the target changes. ``oracle`` searches the same grid every period with the plant's own physics and no
-hysteresis: the upper bound.
+the target changes. ``oracle`` searches the same grid every period, each candidate measured by simulating the
+plant itself (perfect knowledge), with no feedback or hysteresis: the upper bound.
 """
 
 from __future__ import annotations
@@ -97,7 +97,10 @@ class _ModelPolicy:
         self.pid = Pid(kp=float(p.get("kp", 0.5)), ki=float(p.get("ki", 0.2)), kd=float(p.get("kd", 0.0)))
         self.hysteresis = Hysteresis(float(p.get("error_threshold", 0.05)), int(p.get("persist_periods", 3)))
         # Aim above the target: the QoS metric counts windows below it, and window throughput fluctuates.
-        self.margin = float(p.get("target_margin", 0.05))
+        self.margin = float(p.get("target_margin", 0.10))
+        # Window throughput is bursty (static batches finish in lumps): the error uses an EWMA of it.
+        self.smoothing = float(p.get("smoothing", 0.3))
+        self.smoothed = math.nan
         self.correction = 1.0
         self.action: Action | None = None
         self._budget = math.nan
@@ -120,11 +123,15 @@ class _ModelPolicy:
             self.pid.reset()
             self.correction = 1.0
             self.hysteresis.count = 0
+            self.smoothed = math.nan
             self.action = self._configure(obs)
             return self.action
         if self.uses_feedback and not math.isnan(target) and target > 0 and obs.window_s > 0:
+            a = self.smoothing
+            self.smoothed = (obs.output_tokens_per_s if math.isnan(self.smoothed)
+                             else a * obs.output_tokens_per_s + (1.0 - a) * self.smoothed)
             aim = target * (1.0 + self.margin)
-            error = (aim - obs.output_tokens_per_s) / aim
+            error = (aim - self.smoothed) / aim
             self.correction = self.pid.update(error, obs.window_s)
             if self.hysteresis.update(error):
                 self.action = self._configure(obs)
@@ -159,7 +166,8 @@ class CapOnlyController(_ModelPolicy):
 
 
 class OracleController(_ModelPolicy):
-    """Exhaustive search of the grid every period with the plant's own physics; no feedback, no hysteresis."""
+    """Exhaustive search of the grid every period with a model that measures the plant itself (the plant
+    builds it a ``SimulatedModel``); no feedback, no hysteresis."""
 
     uses_feedback = False
 

@@ -94,8 +94,10 @@ def _scenario(name: str, deployments: list[dict[str, Any]], duration_s: float, p
 
 
 def _run(sc: Scenario, runs: dict[str, RunOutputs], key: str) -> dict[str, Any]:
+    """Run a study's scenario; keep the records only of the runs the report draws (demand response)."""
     out = run_scenario(sc)
-    runs[key] = out
+    if key.startswith("dr/"):
+        runs[key] = out
     return out.summary
 
 
@@ -178,8 +180,8 @@ def multi_node(p: Platform, quick: bool, runs: dict[str, RunOutputs]) -> dict[st
     power = {"budget_w": budget, "budget_applies_to": "system", "gpus_per_node": p.gpus_per_node}
     qos: dict[str, dict[str, float]] = {}
     eff: dict[str, float] = {}
-    for policy in ("static", "batch-only", "cap-only", "pals"):
-        split = "even" if policy in ("static", "batch-only") else "need"
+    for policy in ("static", "cap-only", "pals"):
+        split = "even" if policy == "static" else "need"
         control = {"power_cap_w": math.floor(even_cap), "max_num_seqs": 64}
         sc = _scenario(f"multi-{p.key}", deps, duration, policy, {**power, "split": split}, control)
         s = _run(sc, runs, f"multi/{p.key}/{policy}")

@@ -25,17 +25,22 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def print_summary(summary: dict) -> None:
-    """The summary table on the terminal."""
-    from sim.report import summary_rows
-
-    header, rows = summary_rows(summary)
-    table = Table(title=f"{summary['scenario']} (policy {summary['policy']}, seed {summary['seed']})")
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A metric table on the terminal: the first column left-aligned, the figures right-aligned."""
+    table = Table(title=title)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
     console.print(table)
+
+
+def print_summary(summary: dict) -> None:
+    """The summary table on the terminal."""
+    from sim.report import summary_rows
+
+    header, rows = summary_rows(summary)
+    print_table(f"{summary['scenario']} (policy {summary['policy']}, seed {summary['seed']})", header, rows)
     t = summary["totals"]
     console.print(f"{t['duration_s']:.1f} s simulated on {t['num_gpus']} GPUs in {t['wall_s']:.2f} s wall, "
                   f"{t['sim_events']:,} events")
@@ -88,12 +93,7 @@ def compare(
     except PalsError as exc:
         _fail(exc)
     header, rows = compare_rows({p: r.summary for p, r in results.items()})
-    table = Table(title=f"{sc.name}: totals by policy (seed {sc.seed})")
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*r)
-    console.print(table)
+    print_table(f"{sc.name}: totals by policy (seed {sc.seed})", header, rows)
     console.print(f"outputs in {out}/<policy>/  (comparison report: {out / 'report.html'})")
 
 

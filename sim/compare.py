@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from sim.io import write_json_atomic, write_text_atomic
-from sim.report import SUMMARY_ROWS, _cdf, _table_html, format_metric, render_report
+from sim.report import SUMMARY_ROWS, cdf, format_metric, render_report, table_html
 from sim.run import RunOutputs, run_scenario, write_outputs
 from sim.scenario import Scenario, ScenarioError, scenario_from_dict
 
@@ -88,7 +88,7 @@ def compare_report(scenario: Scenario, results: dict[str, RunOutputs]) -> str:
         for col, values in ((1, (done["first_token_s"] - done["arrival_s"]).to_numpy()),
                             (2, ((multi["finish_s"] - multi["first_token_s"])
                                  / (multi["generated_tokens"] - 1)).to_numpy())):
-            x, y = _cdf(values)
+            x, y = cdf(values)
             lat.add_scatter(x=x, y=y, name=policy, mode="lines", row=1, col=col, legendgroup=policy,
                             showlegend=col == 1)
     power.update_layout(title="Total GPU power vs budget", xaxis_title="time (s)", yaxis_title="W")
@@ -98,5 +98,5 @@ def compare_report(scenario: Scenario, results: dict[str, RunOutputs]) -> str:
     lat.update_layout(title="Latency CDFs (completed requests)", height=420)
     names = ", ".join(html.escape(p) for p in results)
     intro = f"<p>Scenario <b>{html.escape(scenario.name)}</b>, seed {scenario.seed}, policies {names}.</p>"
-    return render_report(f"pals compare: {scenario.name}", [("Totals", intro + _table_html(header, rows))],
+    return render_report(f"pals compare: {scenario.name}", [("Totals", intro + table_html(header, rows))],
                          [power, tput, knobs, lat])

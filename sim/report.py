@@ -46,13 +46,15 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["metric", *cols], rows
 
 
-def _table_html(header: list[str], rows: list[list[str]]) -> str:
+def table_html(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of text cells (escaped)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted finite values and their empirical cumulative fractions."""
     x = np.sort(values[np.isfinite(values)])
     return x, (np.arange(1, len(x) + 1) / len(x)) if len(x) else np.empty(0)
 
@@ -117,7 +119,7 @@ def latency_figure(requests: pd.DataFrame) -> go.Figure:
                   ((multi["finish_s"] - multi["first_token_s"]) / (multi["generated_tokens"] - 1)).to_numpy(),
                   (g["finish_s"] - g["arrival_s"]).to_numpy())
         for i, values in enumerate(series):
-            x, y = _cdf(values)
+            x, y = cdf(values)
             fig.add_scatter(x=x, y=y, name=f"{dep}", mode="lines", row=1, col=i + 1, legendgroup=dep,
                             showlegend=i == 0)
     fig.update_yaxes(title_text="fraction of requests", row=1, col=1)
@@ -152,5 +154,5 @@ def run_report(summary: dict[str, Any], requests: pd.DataFrame, timeseries: pd.D
              f"({t['sim_events']:,} simulation events)</p>")
     figures = [power_figure(timeseries), throughput_figure(timeseries), knobs_figure(timeseries),
                latency_figure(requests)]
-    return render_report(f"pals run: {summary['scenario']}", [("Summary", facts + _table_html(header, rows))],
+    return render_report(f"pals run: {summary['scenario']}", [("Summary", facts + table_html(header, rows))],
                          figures, [("Scenario (resolved)", f"<pre>{html.escape(scenario_yaml)}</pre>")])

@@ -299,8 +299,8 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
     lines += ["## Where and why our figures differ from the paper's", "",
               "- **batch-only = static.** Tokens/J rises with the batch up to 64 at every cap, in the PALS "
               "measurements (`../shared/data/pals_a100`) as in our physics, so a controller that may only change "
-              "the batch at 400 W cannot beat batch 64; the paper's +14 % must come from a setting we do not "
-              "model (its batch knob acted on a different workload or engine).",
+              "the batch at 400 W cannot beat batch 64. The paper's +14 % cannot be reproduced from the "
+              "measured tokens/J either: at every cap they are highest at batch 64 for all four models.",
               "- **Smaller gains from caps.** The physics is not calibrated yet: for these small MoE models it "
               "predicts less power (~160-320 W per A100 at batch 64) than the PALS data shows (at the cap up to "
               "400 W), so caps bind less and lowering them saves less energy than on the real GPUs.",

@@ -14,6 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from sim.control.base import resolve_policy
 from sim.io import write_json_atomic, write_text_atomic
 from sim.report import SUMMARY_ROWS, cdf, format_metric, render_report, table_html
 from sim.run import RunOutputs, run_scenario, write_outputs
@@ -46,6 +47,8 @@ def run_compare(scenario: Scenario, policies: list[str], out_dir: str | Path) ->
     """Run every policy, write each run's outputs and the comparison; return the outputs by policy."""
     if not policies or len(set(policies)) != len(policies):
         raise ScenarioError(f"--policies: expected distinct policy names, got {','.join(policies) or 'none'}")
+    for policy in policies:  # fail before any run, not after the first ones
+        resolve_policy(policy)
     out = Path(out_dir)
     results: dict[str, RunOutputs] = {}
     for policy in policies:

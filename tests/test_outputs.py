@@ -55,3 +55,24 @@ def test_budget_violations_are_counted_against_the_budget_in_force(tmp_path):
     per_window = out.timeseries.groupby("time_s")["power_w"].sum()
     expected = (per_window > 600).mean()
     assert out.summary["totals"]["budget_violation_fraction"] == expected > 0.9
+
+
+def test_compare_writes_each_policy_and_one_report(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sim.cli", "compare", str(ROOT / "scenarios" / "quickstart.yaml"),
+           "--policies", "static,pals", "--out", str(tmp_path / "cmp"), "--set", "duration_s=20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "static" in done.stdout and "pals" in done.stdout
+    out = tmp_path / "cmp"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "pals", "report.html", "static"]
+    saved = json.loads((out / "compare.json").read_text())
+    assert set(saved["policies"]) == {"static", "pals"}
+    assert (out / "pals" / "summary.json").is_file() and not (out / "pals" / "report.html").exists()
+    # An unknown policy fails before anything runs.
+    bad = subprocess.run([*cmd[:6], "static,nope", "--out", str(tmp_path / "bad"), "--set", "duration_s=20"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown policy 'nope'" in bad.stderr
+    assert not (tmp_path / "bad").exists()

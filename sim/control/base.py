@@ -96,19 +96,24 @@ def _registry() -> dict[str, type]:
 POLICY_NAMES = ("static", "batch-only", "cap-only", "pals", "oracle")
 
 
+def resolve_policy(policy: str) -> type:
+    """The class behind a registered policy name or a ``module:Class`` path."""
+    cls = _registry().get(policy)
+    if cls is not None:
+        return cls
+    if ":" not in policy:
+        raise ControllerError(f"control.policy: unknown policy {policy!r}; expected one of "
+                              f"{', '.join(POLICY_NAMES)} or module:Class")
+    mod_name, _, cls_name = policy.partition(":")
+    try:
+        return getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ControllerError(f"control.policy: cannot load {policy!r}: {exc}") from None
+
+
 def build_controller(policy: str, ctx: ControllerContext) -> Controller:
     """Instantiate a registered policy or a ``module:Class`` one (constructed with the context)."""
-    registry = _registry()
-    cls = registry.get(policy)
-    if cls is None:
-        if ":" not in policy:
-            raise ControllerError(f"control.policy: unknown policy {policy!r}; expected one of "
-                                  f"{', '.join(POLICY_NAMES)} or module:Class")
-        mod_name, _, cls_name = policy.partition(":")
-        try:
-            cls = getattr(importlib.import_module(mod_name), cls_name)
-        except (ImportError, AttributeError) as exc:
-            raise ControllerError(f"control.policy: cannot load {policy!r}: {exc}") from None
+    cls = resolve_policy(policy)
     try:
         ctrl = cls(ctx)
     except (TypeError, ValueError) as exc:

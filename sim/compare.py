@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.colors as px_colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -70,22 +71,24 @@ def compare_report(scenario: Scenario, results: dict[str, RunOutputs]) -> str:
                           subplot_titles=("mean power cap per GPU (W)", "batch knob (max_num_seqs)"))
     lat = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (s)", "TPOT (s)"))
     budget_drawn = False
-    for policy, r in results.items():
+    palette = px_colors.qualitative.Plotly
+    for i, (policy, r) in enumerate(results.items()):
+        color = palette[i % len(palette)]
         ts = r.timeseries
         per_t = ts.groupby("time_s", sort=True).agg(power=("power_w", "sum"), budget=("budget_w", "first"),
                                                    cap=("power_cap_w", "mean"), knob=("max_num_seqs", "mean"))
-        power.add_scatter(x=per_t.index, y=per_t["power"], name=policy, mode="lines")
+        power.add_scatter(x=per_t.index, y=per_t["power"], name=policy, mode="lines", line={"color": color})
         if not budget_drawn and np.isfinite(per_t["budget"]).any():
             power.add_scatter(x=per_t.index, y=per_t["budget"], name="budget", mode="lines", line_shape="hv",
                               line={"dash": "dash", "color": "black"})
             budget_drawn = True
         t = ts.drop_duplicates(["time_s", "deployment", "replica"]).groupby("time_s", sort=True)[
             "throughput_tokens_per_s"].sum()
-        tput.add_scatter(x=t.index, y=t.values, name=policy, mode="lines")
+        tput.add_scatter(x=t.index, y=t.values, name=policy, mode="lines", line={"color": color})
         knobs.add_scatter(x=per_t.index, y=per_t["cap"], name=f"{policy} cap", mode="lines", line_shape="hv",
-                          row=1, col=1)
+                          line={"color": color}, row=1, col=1)
         knobs.add_scatter(x=per_t.index, y=per_t["knob"], name=f"{policy} batch knob", mode="lines",
-                          line_shape="hv", row=2, col=1)
+                          line_shape="hv", line={"color": color, "dash": "dot"}, row=2, col=1)
         done = r.requests[r.requests["status"] == "completed"]
         multi = done[done["generated_tokens"] > 1]
         for col, values in ((1, (done["first_token_s"] - done["arrival_s"]).to_numpy()),
@@ -93,7 +96,7 @@ def compare_report(scenario: Scenario, results: dict[str, RunOutputs]) -> str:
                                  / (multi["generated_tokens"] - 1)).to_numpy())):
             x, y = cdf(values)
             lat.add_scatter(x=x, y=y, name=policy, mode="lines", row=1, col=col, legendgroup=policy,
-                            showlegend=col == 1)
+                            showlegend=col == 1, line={"color": color})
     power.update_layout(title="Total GPU power vs budget", xaxis_title="time (s)", yaxis_title="W")
     tput.update_layout(title="Output throughput", xaxis_title="time (s)", yaxis_title="tokens/s")
     knobs.update_layout(title="Knobs", height=600)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from sim.scenario import Scenario, scenario_from_dict
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# CI runs the property tests on a fixed sequence of examples, so that a run is repeatable; locally they explore.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def shared_data(*parts: str) -> Path:

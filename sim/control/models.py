@@ -35,30 +35,42 @@ class PerformanceModel(Protocol):
         """Estimate for every GPU capped at ``power_cap_w`` and at most ``max_num_seqs`` running per replica."""
 
 
-class PhysicsModel:
+class _MemoModel:
+    """A model whose predictions are computed once per (cap, batch) and remembered."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[float, int], Prediction] = {}
+
+    def predict(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+        """The (remembered) estimate at this cap and batch knob."""
+        key = (float(power_cap_w), max(1, int(max_num_seqs)))
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._estimate(*key)
+        return hit
+
+    def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+        raise NotImplementedError
+
+
+class PhysicsModel(_MemoModel):
     """Steady-state predictions from the simulator's physics (no simulation run)."""
 
     def __init__(self, phys: ReplicaPhysics, replicas: int, prompt_tokens_mean: float, output_tokens_mean: float,
                  max_num_batched_tokens: int, static_batches: bool = False) -> None:
+        super().__init__()
         self.phys = phys
         self.replicas = replicas
         self.prompt = max(1.0, prompt_tokens_mean)
         self.output = max(1.0, output_tokens_mean)
         self.budget = max_num_batched_tokens
         self.static_batches = static_batches
-        self._cache: dict[tuple[float, int], Prediction] = {}
 
-    def predict(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+    def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
         """Saturated throughput and per-GPU power at this cap and batch knob."""
-        key = (float(power_cap_w), int(max_num_seqs))
-        hit = self._cache.get(key)
-        if hit is None:
-            if self.static_batches:
-                hit = self._static(power_cap_w, max(1, int(max_num_seqs)))
-            else:
-                hit = self._continuous(power_cap_w, max(1, int(max_num_seqs)))
-            self._cache[key] = hit
-        return hit
+        if self.static_batches:
+            return self._static(power_cap_w, max_num_seqs)
+        return self._continuous(power_cap_w, max_num_seqs)
 
     def _run(self, works: list[tuple[StepWork, float]], cap_w: float) -> tuple[float, float]:
         """Time and energy of weighted steps, each at the clock its cap allows."""
@@ -107,7 +119,7 @@ class PhysicsModel:
         return Prediction(self.replicas * b * o / t, e / t)
 
 
-class SimulatedModel:
+class SimulatedModel(_MemoModel):
     """Perfect knowledge of the simulated plant: each configuration is measured by simulating the deployment
     itself (its workload, its replicas) with that cap and batch knob held fixed for ``probe_s`` seconds.
 
@@ -115,27 +127,22 @@ class SimulatedModel:
     """
 
     def __init__(self, scenario: Any, deployment_index: int, probe_s: float = 30.0) -> None:
+        super().__init__()
         self.scenario = scenario
         self.index = deployment_index
         self.probe_s = probe_s
-        self._cache: dict[tuple[float, int], Prediction] = {}
 
-    def predict(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+    def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
         """Throughput and per-GPU power measured in a short simulation."""
-        key = (float(power_cap_w), int(max_num_seqs))
-        hit = self._cache.get(key)
-        if hit is None:
-            from sim.run import run_scenario
-            from sim.scenario import scenario_from_dict
+        from sim.run import run_scenario
+        from sim.scenario import scenario_from_dict
 
-            data = self.scenario.model_dump(mode="json", exclude={"base_dir"})
-            data["deployments"] = [data["deployments"][self.index]]
-            data["duration_s"] = min(self.probe_s, data["duration_s"])
-            data["power"] = {**data["power"], "budget_w": None, "cap_actuation_delay_s": 0.0}
-            data["control"] = {"policy": "static", "period_s": data["control"]["period_s"],
-                               "power_cap_w": power_cap_w, "max_num_seqs": int(max_num_seqs)}
-            sc = scenario_from_dict(data, "oracle probe", self.scenario.base_dir)
-            t = run_scenario(sc).summary["totals"]
-            hit = Prediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"])
-            self._cache[key] = hit
-        return hit
+        data = self.scenario.model_dump(mode="json", exclude={"base_dir"})
+        data["deployments"] = [data["deployments"][self.index]]
+        data["duration_s"] = min(self.probe_s, data["duration_s"])
+        data["power"] = {**data["power"], "budget_w": None, "cap_actuation_delay_s": 0.0}
+        data["control"] = {"policy": "static", "period_s": data["control"]["period_s"],
+                           "power_cap_w": power_cap_w, "max_num_seqs": max_num_seqs}
+        sc = scenario_from_dict(data, "oracle probe", self.scenario.base_dir)
+        t = run_scenario(sc).summary["totals"]
+        return Prediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"])

@@ -16,7 +16,8 @@ import pandas as pd
 from sim.catalog.gpus import GpuSpec, UnknownGpuError, get_gpu
 from sim.catalog.models import ModelConfigError, ModelSpec, load_model
 from sim.engine import kv_capacity_tokens
-from sim.physics import HostOverheads, Parallelism, ReplicaPhysics
+from sim.catalog.calibration import engine_params
+from sim.physics import EngineOverheads, Parallelism, ReplicaPhysics
 from sim.routing import ExpertPopularity
 from sim.scenario import DeploymentConfig, Scenario, ScenarioError, TraceWorkload
 
@@ -61,8 +62,16 @@ def build_physics(scenario: Scenario, dep: DeploymentConfig, gpu: GpuSpec | None
             if popularity.num_experts != model.num_experts:
                 raise ValueError(f"counts for {r.model!r} cover {popularity.num_experts} experts, the model has "
                                  f"{model.num_experts}")
-    overheads = HostOverheads(dep.engine.step_overhead_s, dep.engine.per_seq_overhead_s)
-    return ReplicaPhysics(model, gpu, par, overheads, popularity)
+    return ReplicaPhysics(model, gpu, par, engine_overheads(dep, gpu.name), popularity)
+
+
+def engine_overheads(dep: DeploymentConfig, gpu_name: str) -> EngineOverheads:
+    """The deployment's engine overheads: its own settings, else those calibrated for the GPU, else defaults."""
+    e = dep.engine
+    given = {"step_s": e.step_overhead_s, "per_seq_s": e.per_seq_overhead_s,
+             "per_request_s": e.per_request_overhead_s, "layer_latency_s": e.layer_latency_s}
+    merged = {**engine_params(gpu_name), **{k: v for k, v in given.items() if v is not None}}
+    return EngineOverheads(**merged)
 
 
 def max_model_len(dep: DeploymentConfig, model: ModelSpec) -> int:

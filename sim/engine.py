@@ -264,9 +264,12 @@ class Engine:
         pairs_w = kv_w = float(self._decode_windowed())
         logits = n_dec
         tokens = n_dec
+        new = 0
         w = self._window
         for r, c in chunks:
             s = r.computed
+            if s == 0:
+                new += 1
             pairs += c * s + c * (c + 1) / 2.0
             kv += s + c
             if w:
@@ -275,7 +278,7 @@ class Engine:
             if s + c == r.num_tokens:
                 logits += 1
             tokens += c
-        work = self.phys.step_work(tokens, logits, n_dec + len(chunks), pairs, kv, pairs_w, kv_w)
+        work = self.phys.step_work(tokens, logits, n_dec + len(chunks), pairs, kv, pairs_w, kv_w, new)
         return Stretch(self.phys, work, 0.0, 0.0, self.phys.clock_for_cap(work, self._cap), 1)
 
     def _decode_stretch(self, n: int, occupancy: int) -> Stretch:

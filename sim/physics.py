@@ -9,13 +9,17 @@ context. Per GPU of a replica (the busiest rank under expert parallelism) its pa
   cannot keep it saturated: ``g(f) = min(1, f / knee)``;
 * communication — TP all-reduces (two per layer) and EP all-to-alls (dispatch + combine per MoE layer),
   bytes over link bandwidth plus a latency per collective; independent of the SM clock;
-* a fixed host overhead per step plus a small one per running sequence (scheduling, sampling).
+* kernel latency ``L·λ / f`` — ``L`` layers, each costing ``λ`` of launch gaps and latency-bound small kernels
+  at the max clock; it does not overlap the roofline and, being GPU time, stretches as the clock falls;
+* a fixed host overhead per step, a small one per running sequence (scheduling, sampling) and one per newly
+  admitted request (tokenisation, request set-up).
 
-Compute and memory overlap (roofline: the larger wins); communication and host overhead add.
+Compute and memory overlap (roofline: the larger wins); kernel latency, communication and host overhead add.
 
-Energy per step: ``t·(P_idle + P_base·f) + P_c·f^(α-1)·C/(peak·eff_c) + P_m·M/(bw·eff_m)``: a static
-part over the step, energy per FLOP growing as ``f^(α-1)`` (DVFS: power ``∝ f·V²``), energy per byte
-constant. Power is energy over time. A power cap lowers the clock until the step's power fits, down to
+Energy per step: ``t·(P_idle + P_base·f·v²) + P_c·v²·C/(peak·eff_c) + P_m·M/(bw·eff_m)``: a static part
+over the step, energy per FLOP growing with the square of the core voltage ``v(f)`` (DVFS: dynamic power
+``∝ f·V²``; the voltage sits at a floor below a knee clock and rises linearly to 1 at the max clock),
+energy per byte constant. Power is energy over time. A power cap lowers the clock until the step's power fits, down to
 the minimum clock; where the natural draw is below the cap the cap changes nothing.
 
 During a pure-decode stretch the composition is fixed and every sequence's context grows by one token per
@@ -51,22 +55,46 @@ class Parallelism:
 
 
 @dataclass(frozen=True)
-class HostOverheads:
-    """Host-side (CPU) time per engine step, when the GPU waits."""
+class EngineOverheads:
+    """Serving-engine costs beyond the roofline (fitted by ``pals calibrate`` per GPU type and engine).
+
+    ``step_s``, ``per_seq_s`` and ``per_request_s`` are host (CPU) time while the GPU waits;
+    ``layer_latency_s`` is GPU time per layer per step at the max clock (kernel launch gaps, latency-bound
+    small kernels) and scales with ``1 / clock``; ``moe_tile_tokens`` is the token tile of the fused-MoE
+    GEMM: each touched expert computes whole tiles, so a few tokens per expert cost a full tile;
+    ``expert_bandwidth_fraction`` is the share of the achieved HBM bandwidth the fused-MoE kernels reach when
+    streaming expert weights (many small GEMMs, one per touched expert); ``expert_latency_s`` is GPU time per
+    touched expert per MoE layer at the max clock (its GEMMs' fixed cost: tile scheduling and pipeline fill),
+    which makes fine-grained MoE models (many small experts) slower than their bytes alone say.
+    """
 
     step_s: float = 0.002
     per_seq_s: float = 2e-5
+    per_request_s: float = 0.0
+    layer_latency_s: float = 0.0
+    moe_tile_tokens: float = 16.0
+    expert_bandwidth_fraction: float = 1.0
+    expert_latency_s: float = 0.0
 
 
 class StepWork(NamedTuple):
     """Clock-independent description of one step on the busiest GPU.
 
-    ``compute_s`` and ``memory_s`` are times at the max clock; ``fixed_s`` is communication plus host time.
+    ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the first two overlap, the
+    third adds and scales with ``1 / clock``); ``fixed_s`` is communication plus host time.
     """
 
     compute_s: float
     memory_s: float
     fixed_s: float
+    latency_s: float = 0.0
+
+
+def voltage_squared(gpu: GpuSpec, f: float) -> float:
+    """``v(f)²``: the core voltage at clock fraction ``f`` relative to the max clock's, squared."""
+    floor, knee = gpu.voltage_floor, gpu.voltage_knee
+    v = floor if f <= knee else floor + (1.0 - floor) * (f - knee) / (1.0 - knee)
+    return v * v
 
 
 class ReplicaPhysics:
@@ -77,14 +105,14 @@ class ReplicaPhysics:
         model: ModelSpec,
         gpu: GpuSpec,
         parallelism: Parallelism,
-        overheads: HostOverheads | None = None,
+        overheads: EngineOverheads | None = None,
         popularity: ExpertPopularity | None = None,
         memory_clock_knee: float = 0.5,
     ) -> None:
         self.model = model
         self.gpu = gpu
         self.par = parallelism
-        self.overheads = overheads or HostOverheads()
+        self.overheads = overheads or EngineOverheads()
         self.memory_clock_knee = memory_clock_knee
         if model.is_moe:
             self.popularity = popularity or ExpertPopularity.uniform(model.num_experts, model.experts_per_token)
@@ -101,14 +129,17 @@ class ReplicaPhysics:
         # FLOPs per token on one GPU.
         self._dense_flops_per_token = 2.0 * m.dense_params / ranks
         self._lm_head_flops_per_row = 2.0 * lm_head / ranks
-        self._expert_flops_per_token = 2.0 * m.num_moe_layers * m.experts_per_token * m.expert_params / ranks
+        self._expert_flops_per_row = 2.0 * m.num_moe_layers * m.expert_params / ranks
+        self._tile = max(1.0, self.overheads.moe_tile_tokens)
+        self._expert_latency_per_distinct = m.num_moe_layers * self.overheads.expert_latency_s / self.ep_ranks
         # Attention FLOPs per (query token x cached token), per GPU; heads split over TP, sequences over DP.
         self._attn_flops_full = m.attn_flops_per_context_token / ranks
         self._attn_flops_windowed = m.attn_flops_per_context_token_windowed / ranks
         # Weight bytes streamed per step, per GPU (input embedding is gathered, not streamed).
         self._dense_bytes = (m.dense_params + lm_head) * m.weight_bytes_per_param / tp
         expert_shards = self.ep_ranks if self.ep_ranks > 1 else tp
-        self._expert_bytes_per_distinct = m.num_moe_layers * m.expert_weight_bytes / expert_shards
+        self._expert_bytes_per_distinct = (m.num_moe_layers * m.expert_weight_bytes / expert_shards
+                                           / max(1e-3, self.overheads.expert_bandwidth_fraction))
         # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;
         # MLA's latent cache is not split), sequences split over DP.
         kv_shards = 1 if m.kv_latent else min(tp, m.num_kv_heads)
@@ -131,6 +162,7 @@ class ReplicaPhysics:
                                           * hidden_bytes / self._link)
             self._collectives += 2 * m.num_moe_layers
         self._collective_latency_s = self._collectives * gpu.collective_latency_s
+        self._latency_s = m.num_layers * self.overheads.layer_latency_s
         self._distinct_cache: dict[int, float] = {}
         self._p_full = gpu.idle_power_w + gpu.active_base_power_w  # static power at the max clock
         self._p_compute = gpu.compute_power_w
@@ -147,25 +179,43 @@ class ReplicaPhysics:
             self._distinct_cache[num_tokens] = d
         return d
 
+    def padded_expert_rows(self, num_tokens: int, distinct: float) -> float:
+        """Token rows the fused-MoE GEMMs compute per MoE layer: whole tiles for every touched expert.
+
+        ``n`` assignments per touched expert take ``max(1, n/tile + 1/2)`` tiles (half a tile of rounding on
+        average once past the first), so the padding vanishes for large batches and dominates for small ones.
+        """
+        if distinct <= 0.0:
+            return 0.0
+        per_expert = num_tokens * self.model.experts_per_token / distinct / self._tile
+        return distinct * self._tile * max(1.0, per_expert + 0.5)
+
     def step_work(self, num_tokens: int, num_logits: int, num_seqs: int, attn_pairs_full: float,
-                  kv_read_full: float, attn_pairs_windowed: float = 0.0, kv_read_windowed: float = 0.0) -> StepWork:
+                  kv_read_full: float, attn_pairs_windowed: float = 0.0, kv_read_windowed: float = 0.0,
+                  num_new: int = 0) -> StepWork:
         """Work of one step on the busiest GPU.
 
         ``num_tokens``: tokens processed (prefill chunk tokens + one per decoding sequence);
         ``num_logits``: rows that reach the LM head; ``num_seqs``: sequences in the step;
         ``attn_pairs_*``: (query token, cached token) pairs attended, in full and sliding-window layers;
-        ``kv_read_*``: cached tokens whose KV is read from HBM (each sequence's context once).
+        ``kv_read_*``: cached tokens whose KV is read from HBM (each sequence's context once);
+        ``num_new``: requests whose prefill starts in this step.
         """
         flops = (self._dense_flops_per_token * num_tokens + self._lm_head_flops_per_row * num_logits
                  + self._attn_flops_full * attn_pairs_full + self._attn_flops_windowed * attn_pairs_windowed)
         mem = self._dense_bytes + self._kv_bytes_full * kv_read_full + self._kv_bytes_windowed * kv_read_windowed
-        expert_flops = self._expert_flops_per_token * num_tokens
+        expert_flops = 0.0
+        latency = self._latency_s
         if self.popularity is not None:
-            expert_flops *= busiest_rank_factor(num_tokens, self.model.experts_per_token, self.ep_ranks)
-            mem += self._expert_bytes_per_distinct * self.distinct_experts(num_tokens)
+            distinct = self.distinct_experts(num_tokens)
+            expert_flops = (self._expert_flops_per_row * self.padded_expert_rows(num_tokens, distinct)
+                            * busiest_rank_factor(num_tokens, self.model.experts_per_token, self.ep_ranks))
+            mem += self._expert_bytes_per_distinct * distinct
+            latency += self._expert_latency_per_distinct * distinct
         comm = (self._allreduce_s_per_token + self._alltoall_s_per_token) * num_tokens + self._collective_latency_s
-        host = self.overheads.step_s + self.overheads.per_seq_s * num_seqs
-        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host)
+        o = self.overheads
+        host = o.step_s + o.per_seq_s * num_seqs + o.per_request_s * num_new
+        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host, latency)
 
     def kv_read_s(self, cached_tokens_full: float, cached_tokens_windowed: float = 0.0) -> float:
         """HBM time at full bandwidth to read this many cached tokens' KV once."""
@@ -182,16 +232,16 @@ class ReplicaPhysics:
 
     def step_time_s(self, w: StepWork, f: float) -> float:
         """Duration of a step at clock fraction ``f``."""
-        return max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.fixed_s
+        return max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f + w.fixed_s
 
     def step_energy_j(self, w: StepWork, f: float, t: float | None = None) -> float:
         """Energy of one GPU for a step at clock fraction ``f`` (``t``: its duration, if known)."""
         g = self.gpu
         if t is None:
             t = self.step_time_s(w, f)
-        return (t * (g.idle_power_w + g.active_base_power_w * f)
-                + g.compute_power_w * f ** (g.clock_power_exponent - 1.0) * w.compute_s
-                + g.memory_power_w * w.memory_s)
+        v2 = voltage_squared(g, f)
+        return t * (g.idle_power_w + g.active_base_power_w * f * v2) + g.compute_power_w * v2 * w.compute_s \
+            + g.memory_power_w * w.memory_s
 
     def step_power_w(self, w: StepWork, f: float) -> float:
         """Average power of one GPU over a step at clock fraction ``f``."""
@@ -209,7 +259,7 @@ class ReplicaPhysics:
         two linear functions of ``j`` and so monotone: the peak is at an end of the stretch or beside the
         iteration where the step turns from one to the other.
         """
-        c0, m0, x = w0
+        c0, m0, x, lat = w0
         js = [0] if k <= 1 else [0, k - 1]
         s = self.memory_speed(f)
         denom = m1 / s - c1 / f
@@ -217,7 +267,7 @@ class ReplicaPhysics:
             jx = (c0 / f - m0 / s) / denom
             if 0.0 < jx < k - 1:
                 js += [math.floor(jx), math.ceil(jx)]
-        return max(self.step_power_w(StepWork(c0 + c1 * j, m0 + m1 * j, x), f) for j in js)
+        return max(self.step_power_w(StepWork(c0 + c1 * j, m0 + m1 * j, x, lat), f) for j in js)
 
     def clock_for_stretch(self, w0: StepWork, c1: float, m1: float, k: int, cap_w: float) -> float:
         """Highest clock fraction at which every iteration of a stretch draws at most ``cap_w``.
@@ -226,7 +276,8 @@ class ReplicaPhysics:
         go lower). The governor holds this clock until the composition or the cap changes.
         """
         # Natural draw at the max clock (inlined: the common, uncapped case). At f = 1 the memory speed is 1.
-        c0, m0, x = w0
+        c0, m0, x, lat = w0
+        x += lat
         p_full, p_c, p_m = self._p_full, self._p_compute, self._p_memory
         js = (0,) if k <= 1 else (0, k - 1)
         if k > 2 and m1 != c1:
@@ -285,7 +336,8 @@ class Stretch:
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
-        c0, m0, x = work0
+        c0, m0, x, lat = work0
+        x += lat / clock
         self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
         self.clock = clock
         self.iterations = iterations
@@ -297,10 +349,11 @@ class Stretch:
         else:
             g = phys.gpu
             s = phys.memory_speed(clock)
+            v2 = voltage_squared(g, clock)
             self._a1, self._b1 = c0 / clock, c1 / clock
             self._a2, self._b2 = m0 / s, m1 / s
-            self._p_static = g.idle_power_w + g.active_base_power_w * clock
-            self._e_c = g.compute_power_w * clock ** (g.clock_power_exponent - 1.0)
+            self._p_static = g.idle_power_w + g.active_base_power_w * clock * v2
+            self._e_c = g.compute_power_w * v2
         self._total_t = -1.0
         self._total_e = -1.0
         self._memo = (-1.0, 0, 0.0)

@@ -156,8 +156,17 @@ class EngineConfig(_Model):
     stepping: Literal["event", "iteration"] = Field(
         "event", description="event: one simulation event per composition change (fast); iteration: one per "
                              "engine step (reference).")
-    step_overhead_s: float = Field(0.002, ge=0, description="Host time per engine step (scheduling, launch).")
-    per_seq_overhead_s: float = Field(2e-5, ge=0, description="Host time per running sequence per step.")
+    step_overhead_s: float | None = Field(
+        None, ge=0, description="Host time per engine step (scheduling, launch); None: the value calibrated for "
+                                "the GPU (traces/calibration), else 0.002.")
+    per_seq_overhead_s: float | None = Field(
+        None, ge=0, description="Host time per running sequence per step; None: calibrated, else 2e-5.")
+    per_request_overhead_s: float | None = Field(
+        None, ge=0, description="Host time per newly admitted request (tokenisation, set-up); None: calibrated, "
+                                "else 0.")
+    layer_latency_s: float | None = Field(
+        None, ge=0, description="GPU time per layer per step at the max clock beyond the roofline (kernel launch "
+                                "gaps, small kernels; scales with 1/clock); None: calibrated, else 0.")
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

@@ -41,6 +41,8 @@ STATED: dict[str, Stated] = {
     # Dense models: the Hugging Face model page's safetensors parameter count ("Model size").
     # meta-llama/Llama-3.1-8B-Instruct: "8.03B params".
     "llama-3.1-8b": Stated(8.03 * B, None, True),
+    "llama-3-8b": Stated(8.03 * B, None, True),  # same architecture as 3.1 (Meta model card: 8B)
+    "llama-2-7b": Stated(6.74 * B, None, True),  # Llama 2 paper, Table 1: 7B = 6.74e9 parameters
     # meta-llama/Llama-3.1-70B-Instruct: "70.6B params".
     "llama-3.1-70b": Stated(70.6 * B, None, True),
     # meta-llama/Llama-3.3-70B-Instruct: "70.6B params".
@@ -84,7 +86,7 @@ STATED: dict[str, Stated] = {
     "llama-4-scout": Stated(109 * B, 17 * B, True),
 }
 
-DENSE = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.3-70b", "qwen3-8b", "qwen3-14b", "qwen3-32b"]
+DENSE = ["llama-2-7b", "llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.3-70b", "qwen3-8b", "qwen3-14b", "qwen3-32b"]
 
 
 def _rel(got: float, want: float) -> float:

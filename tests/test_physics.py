@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.catalog import GPUS, load_model
-from sim.physics import Parallelism, ReplicaPhysics, StepWork, Stretch, sum_max_linear
+from sim.physics import Parallelism, ReplicaPhysics, StepWork, Stretch, sum_max_linear, voltage_squared
 from sim.routing import ExpertPopularity, busiest_rank_factor, expected_distinct_uniform
 from sim.run import run_scenario
 from tests.conftest import shared_data, tiny
@@ -75,7 +75,8 @@ def test_every_cap_in_range_is_satisfiable(gpu):
     # At the lowest clock, with compute and memory both saturated, a GPU must fit under its lowest limit.
     g = GPUS[gpu]
     f = g.min_clock_fraction
-    worst = (g.idle_power_w + g.active_base_power_w * f + g.compute_power_w * f**g.clock_power_exponent
+    v2 = voltage_squared(g, f)
+    worst = (g.idle_power_w + (g.active_base_power_w + g.compute_power_w) * f * v2
              + g.memory_power_w * min(1.0, f / 0.5))
     assert worst < g.power_limit_min_w
 

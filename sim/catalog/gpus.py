@@ -7,7 +7,9 @@ into idle / active-base / compute / memory parts, the clock-power exponent) are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from sim.catalog.calibration import gpu_params
 
 TB = 1e12
 GB = 1e9
@@ -36,7 +38,8 @@ class GpuSpec:
     active_base_power_w: float = 0.0  # extra power while busy at max clock, whatever the work (∝ clock)
     compute_power_w: float = 0.0  # extra power with tensor cores fully busy at max clock (∝ clock^alpha)
     memory_power_w: float = 0.0  # extra power with HBM streaming at full achieved bandwidth
-    clock_power_exponent: float = 2.6  # alpha in P_dyn ∝ f^alpha (DVFS: P ∝ f·V², V roughly ∝ f above Vmin)
+    voltage_floor: float = 0.6  # core voltage at and below the knee clock, relative to the max clock's
+    voltage_knee: float = 0.5  # clock fraction below which the voltage stays at its floor
     power_limit_default_w: float = 0.0  # 0 → power_limit_max_w
 
     @property
@@ -53,7 +56,7 @@ class GpuSpec:
 # Power split: at max clock with compute and memory both saturated a GPU reaches roughly its TDP
 # (large prefill GEMMs do, measured: PALS Mixtral batch 64 draws 379 W under a 400 W A100 cap);
 # decode, memory-bound, draws well below it (ML.ENERGY v3 H100 decode runs sit at ~300-450 W of 700 W).
-GPUS: dict[str, GpuSpec] = {
+_DATASHEET: dict[str, GpuSpec] = {
     "a100-sxm4-40gb": GpuSpec(
         name="a100-sxm4-40gb",
         peak_bf16_flops=312 * TB,  # NVIDIA A100 datasheet: BF16 tensor core 312 TFLOPS (dense)
@@ -145,6 +148,16 @@ GPUS: dict[str, GpuSpec] = {
         memory_power_w=250,
     ),
 }
+
+
+# The catalog: datasheet figures with the fitted parameters of ``traces/calibration`` where there are some.
+GPUS: dict[str, GpuSpec] = {name: replace(spec, **gpu_params(name)) for name, spec in _DATASHEET.items()}
+
+
+def datasheet_gpu(name: str) -> GpuSpec:
+    """A GPU with its first-estimate physics parameters (no calibration applied): the starting point of a fit."""
+    get_gpu(name)
+    return _DATASHEET[name]
 
 
 class UnknownGpuError(KeyError):

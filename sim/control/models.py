@@ -57,7 +57,8 @@ class PhysicsModel(_MemoModel):
     """Steady-state predictions from the simulator's physics (no simulation run)."""
 
     def __init__(self, phys: ReplicaPhysics, replicas: int, prompt_tokens_mean: float, output_tokens_mean: float,
-                 max_num_batched_tokens: int, static_batches: bool = False) -> None:
+                 max_num_batched_tokens: int, static_batches: bool = False,
+                 kv_capacity_tokens: float = math.inf) -> None:
         super().__init__()
         self.phys = phys
         self.replicas = replicas
@@ -65,6 +66,8 @@ class PhysicsModel(_MemoModel):
         self.output = max(1.0, output_tokens_mean)
         self.budget = max_num_batched_tokens
         self.static_batches = static_batches
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self._steps: dict[tuple[float, int], list[tuple[float, float]]] = {}
 
     def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
         """Saturated throughput and per-GPU power at this cap and batch knob."""
@@ -72,21 +75,38 @@ class PhysicsModel(_MemoModel):
             return self._static(power_cap_w, max_num_seqs)
         return self._continuous(power_cap_w, max_num_seqs)
 
-    def _run(self, works: list[tuple[StepWork, float]], cap_w: float) -> tuple[float, float]:
+    def median_step_s(self, power_cap_w: float, max_num_seqs: int) -> float:
+        """Median duration of the steady state's steps (the median inter-token latency)."""
+        self.predict(power_cap_w, max_num_seqs)
+        steps = sorted(self._steps[(float(power_cap_w), max(1, int(max_num_seqs)))])
+        half = 0.5 * sum(count for _, count in steps)
+        seen = 0.0
+        for t, count in steps:
+            seen += count
+            if seen >= half:
+                return t
+        return steps[-1][0]
+
+    def _run(self, works: list[tuple[StepWork, float]], cap_w: float, key: tuple[float, int]) -> tuple[float, float]:
         """Time and energy of weighted steps, each at the clock its cap allows."""
         phys = self.phys
         t_total = e_total = 0.0
+        durations = []
         for work, count in works:
             f = phys.clock_for_cap(work, cap_w)
             t = phys.step_time_s(work, f)
+            durations.append((t, count))
             t_total += count * t
             e_total += count * phys.step_energy_j(work, f, t)
+        self._steps[key] = durations
         return t_total, e_total
 
     def _continuous(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
-        # The step budget bounds how many sequences can be kept running: b·(1 + P/O) tokens per iteration.
-        b = min(float(b), self.budget / (1.0 + p / o))
+        key = (cap_w, b)
+        # The step budget bounds how many sequences can be kept running: b·(1 + P/O) tokens per iteration;
+        # the KV cache holds about b·(P + O/2) tokens.
+        b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / (p + o / 2.0)))
         # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled, spread
         # over min(b, O) iterations (staggered finishes), each such step also decoding the others.
         n_mixed = max(1.0, min(b, o))
@@ -94,28 +114,29 @@ class PhysicsModel(_MemoModel):
         prefill = per_step * p
         ctx = (b - per_step) * (p + o / 2.0)
         mixed = self.phys.step_work(max(1, round(b - per_step + prefill)), max(1, round(b)), max(1, round(b)),
-                                    ctx + per_step * p * (p + 1) / 2.0, ctx + prefill)
+                                    ctx + per_step * p * (p + 1) / 2.0, ctx + prefill, num_new=round(per_step))
         steps = [(mixed, n_mixed)]
         if o > n_mixed:
             ctx = b * (p + o / 2.0)
             decode = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
             steps.append((decode, o - n_mixed))
-        t, e = self._run(steps, cap_w)
+        t, e = self._run(steps, cap_w, key)
         return Prediction(self.replicas * b * o / t, e / t)
 
     def _static(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
+        key = (cap_w, b)
         prompt_tokens = b * p
         chunks = max(1, math.ceil(prompt_tokens / self.budget))
         chunk = prompt_tokens / chunks
         # Prefill: chunks of the batch's prompts (each token attends about half its prompt).
         pre = self.phys.step_work(max(1, round(chunk)), max(1, round(b / chunks)), b, chunk * p / 2.0 + chunk,
-                                  chunk + b * p / chunks)
+                                  chunk + b * p / chunks, num_new=round(b / chunks))
         steps = [(pre, float(chunks))]
         if o > 1:
             ctx = b * (p + o / 2.0)
             steps.append((self.phys.step_work(b, b, b, ctx, ctx), o - 1.0))
-        t, e = self._run(steps, cap_w)
+        t, e = self._run(steps, cap_w, key)
         return Prediction(self.replicas * b * o / t, e / t)
 
 

@@ -1,0 +1,176 @@
+"""Fit the per-GPU-type and per-engine physics parameters to a profile table (``pals calibrate``).
+
+Only GPU and engine parameters are fitted; a model enters through its Hugging Face config alone (no
+per-model factor), so a fit predicts models it never saw. The fit minimises the squared log-ratios of
+predicted to measured throughput, power and (where measured) median inter-token latency, with the
+closed-form steady state (``analytic_row``) as the predictor, bounded by physical ranges, from the catalog's
+first estimates (scipy ``least_squares``, trust-region reflective).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+from sim.catalog.calibration import CALIBRATION_DIR
+from sim.catalog.gpus import GpuSpec, datasheet_gpu
+from sim.errors import PalsError
+from sim.io import write_json_atomic
+from sim.operating_point import RowPrediction, analytic_row, row_physics
+from sim.physics import EngineOverheads
+
+
+PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
+
+
+class CalibrationError(PalsError):
+    """A fit that cannot be done (no rows, unknown GPU, ...)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One fitted parameter: where it lives, its physical range."""
+
+    name: str
+    part: str  # "gpu" or "engine"
+    low: float
+    high: float
+    scale_by_tdp: bool = False  # bounds are fractions of the GPU's max power limit
+
+
+PARAMS = (
+    Param("compute_efficiency", "gpu", 0.15, 0.95),
+    Param("memory_efficiency", "gpu", 0.3, 0.95),
+    Param("idle_power_w", "gpu", 0.08, 0.3, True),
+    Param("active_base_power_w", "gpu", 0.0, 0.6, True),
+    Param("compute_power_w", "gpu", 0.05, 1.2, True),
+    Param("memory_power_w", "gpu", 0.0, 0.6, True),
+    Param("voltage_floor", "gpu", 0.35, 1.0),
+    Param("voltage_knee", "gpu", 0.15, 0.9),
+    Param("collective_latency_s", "gpu", 1e-6, 1e-4),
+    Param("step_s", "engine", 0.0, 0.02),
+    Param("per_seq_s", "engine", 0.0, 2e-4),
+    Param("per_request_s", "engine", 0.0, 5e-3),
+    Param("layer_latency_s", "engine", 0.0, 5e-4),
+    Param("moe_tile_tokens", "engine", 1.0, 128.0),
+    Param("expert_bandwidth_fraction", "engine", 0.1, 1.0),
+    Param("expert_latency_s", "engine", 0.0, 5e-5),
+)
+
+
+@dataclass
+class FitResult:
+    """Fitted parameters of one GPU type and its engine, and how well they fit."""
+
+    gpu: GpuSpec
+    engine: EngineOverheads
+    rows: int
+    cost: float
+    mape: dict[str, float]
+
+
+def _bounds(gpu: GpuSpec) -> tuple[np.ndarray, np.ndarray]:
+    tdp = gpu.power_limit_max_w
+    lo = np.array([p.low * (tdp if p.scale_by_tdp else 1.0) for p in PARAMS])
+    hi = np.array([p.high * (tdp if p.scale_by_tdp else 1.0) for p in PARAMS])
+    return lo, hi
+
+
+def _unpack(x: np.ndarray, gpu: GpuSpec) -> tuple[GpuSpec, EngineOverheads]:
+    g = {p.name: float(v) for p, v in zip(PARAMS, x, strict=True) if p.part == "gpu"}
+    e = {p.name: float(v) for p, v in zip(PARAMS, x, strict=True) if p.part == "engine"}
+    return replace(gpu, **g), EngineOverheads(**e)
+
+
+def _pack(gpu: GpuSpec, engine: EngineOverheads) -> np.ndarray:
+    return np.array([getattr(gpu if p.part == "gpu" else engine, p.name) for p in PARAMS], dtype=float)
+
+
+def predict_rows(table: pd.DataFrame, gpu: GpuSpec, engine: EngineOverheads) -> list[RowPrediction]:
+    """Closed-form predictions of every row with these parameters."""
+    return [analytic_row(r, row_physics(r, gpu, engine)) for r in table.itertuples(index=False)]
+
+
+def _residuals(preds: list[RowPrediction], table: pd.DataFrame) -> np.ndarray:
+    tput = np.array([p.throughput_tokens_per_s for p in preds])
+    power = np.array([p.power_w_per_gpu for p in preds])
+    itl = np.array([p.itl_median_s for p in preds])
+    res = [np.log(tput / table["throughput_tokens_per_s"].to_numpy()),
+           np.log(power / table["power_w_per_gpu"].to_numpy())]
+    measured_itl = table["itl_median_s"].to_numpy()
+    has = ~np.isnan(measured_itl)
+    if has.any():
+        res.append(np.log(itl[has] / measured_itl[has]))
+    return np.concatenate(res)
+
+
+def mape(preds: list[RowPrediction], table: pd.DataFrame) -> dict[str, float]:
+    """Mean absolute percentage error per metric (ITL over the rows that measured it)."""
+    out = {}
+    for metric in ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s"):
+        pred = np.array([getattr(p, metric) for p in preds])
+        meas = table[metric].to_numpy()
+        ok = ~np.isnan(meas)
+        if ok.any():
+            out[metric] = float(np.mean(np.abs(pred[ok] / meas[ok] - 1.0)) * 100.0)
+    return out
+
+
+def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverheads] | None = None,
+        max_evals: int = 400) -> FitResult:
+    """Fit one GPU type's parameters (and its engine's) to the table's rows of that GPU."""
+    rows = table[table["gpu"] == gpu_name].reset_index(drop=True)
+    if rows.empty:
+        raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
+    base, engine0 = start or (datasheet_gpu(gpu_name), EngineOverheads())
+    lo, hi = _bounds(base)
+    x0 = np.clip(_pack(base, engine0), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
+    span = hi - lo
+
+    z0 = (x0 - lo) / span
+    prior = PRIOR_WEIGHT * math.sqrt(len(rows))
+
+    def residuals(z: np.ndarray) -> np.ndarray:
+        g, e = _unpack(lo + z * span, base)
+        # A weak pull towards the first estimates keeps parameters the data barely constrain (the voltage
+        # curve below the lowest measured cap, say) physical instead of wherever they drift.
+        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z - z0)])
+
+    sol = least_squares(residuals, z0, bounds=(0.0, 1.0), method="trf", max_nfev=max_evals,
+                        diff_step=1e-4)
+    gpu, engine = _unpack(lo + sol.x * span, base)
+    return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows))
+
+
+def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, applies_to: list[str],
+                      out_dir: str | Path = CALIBRATION_DIR) -> Path:
+    """Write a fit where the catalog reads it (``<out_dir>/<gpu>.json``), with the data it came from."""
+    rows = table[table["gpu"] == result.gpu.name]
+    gpu_params = {p.name: _round(getattr(result.gpu, p.name)) for p in PARAMS if p.part == "gpu"}
+    engine = {p.name: _round(getattr(result.engine, p.name)) for p in PARAMS if p.part == "engine"}
+    doc: dict[str, Any] = {
+        "gpu": result.gpu.name,
+        "applies_to": sorted({result.gpu.name, *applies_to}),
+        "gpu_params": gpu_params,
+        "engine": engine,
+        "fitted_on": {"table": str(table_path), "rows": int(len(rows)),
+                      "sources": sorted(set(rows["source"])), "models": sorted(set(rows["model"])),
+                      "power_caps_w": sorted({float(c) for c in rows["power_cap_w"]})},
+        "fit": {"mape_percent": {k: round(v, 2) for k, v in result.mape.items()}, "cost": round(result.cost, 6),
+                "method": "scipy.optimize.least_squares (trf) on log(predicted/measured)"},
+        "fitted_at": _dt.date.today().isoformat(),
+    }
+    path = Path(out_dir) / f"{result.gpu.name}.json"
+    write_json_atomic(path, doc)
+    return path
+
+
+def _round(v: float) -> float:
+    return float(f"{v:.6g}") if math.isfinite(v) else v

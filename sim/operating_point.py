@@ -1,0 +1,143 @@
+"""One profile-table row as something to predict: its deployment, its physics, its scenario.
+
+Two predictors share the row's physics:
+
+* ``simulate_row`` builds the row's scenario (static batches of ``max_num_seqs`` prompts, or enough
+  closed-loop clients to keep ``max_num_seqs`` running) and runs the simulator: what ``pals validate`` reports;
+* ``analytic_row`` costs the steady state in closed form (``sim.control.models.PhysicsModel``): fast enough to
+  sit inside a least-squares fit (``pals calibrate``) and checked against the simulator in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.catalog.calibration import engine_params
+from sim.catalog.gpus import GpuSpec, get_gpu
+from sim.catalog.models import load_model
+from sim.control.models import PhysicsModel
+from sim.engine import kv_capacity_tokens
+from sim.physics import EngineOverheads, Parallelism, ReplicaPhysics
+from sim.scenario import Scenario, scenario_from_dict
+
+STATIC_BATCHES_PER_ROW = 3  # batches simulated per static-batches row (each one the same)
+SATURATE_OUTPUT_LENGTHS = 8  # saturate rows: each client's requests last this many mean outputs, or more
+
+
+@dataclass(frozen=True)
+class RowPrediction:
+    """Predicted operating point of a row."""
+
+    throughput_tokens_per_s: float
+    power_w_per_gpu: float
+    itl_median_s: float
+
+
+def parallelism(row: Any) -> tuple[Parallelism, int]:
+    """A row's replica layout and replica count: experts spread over the GPUs when ``expert_parallel > 1``."""
+    tp, ep, n = int(row.tensor_parallel), int(row.expert_parallel), int(row.num_gpus)
+    if ep > 1:
+        data = max(1, ep // tp)
+        par = Parallelism(tp, data, True)
+    else:
+        par = Parallelism(tp, 1, False)
+    return par, max(1, n // par.num_gpus)
+
+
+def max_num_batched_tokens(row: Any) -> int:
+    """The step token budget a row's engine ran with.
+
+    Static batches (offline ``LLM.generate``): the whole batch's prompts are prefilled in one step (vLLM
+    without chunked prefill); served runs: vLLM V1's chunked-prefill default of 8192.
+    """
+    if row.workload == "static-batches":
+        return max(8192, math.ceil(row.max_num_seqs * row.prompt_tokens_mean))
+    return max(8192, int(row.max_num_seqs))
+
+
+def row_physics(row: Any, gpu: GpuSpec | None = None, overheads: EngineOverheads | None = None) -> ReplicaPhysics:
+    """The physics of one replica of the row's deployment (catalog GPU and calibrated engine by default)."""
+    gpu = gpu or get_gpu(row.gpu)
+    if overheads is None:
+        overheads = EngineOverheads(**engine_params(gpu.name))
+    par, _ = parallelism(row)
+    return ReplicaPhysics(load_model(row.model), gpu, par, overheads)
+
+
+def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
+    """Closed-form steady state of a row (see ``PhysicsModel``)."""
+    _, replicas = parallelism(row)
+    static = row.workload == "static-batches"
+    budget = max_num_batched_tokens(row)
+    kv = kv_capacity_tokens(phys, 0.9, budget)
+    model = PhysicsModel(phys, replicas, row.prompt_tokens_mean, row.output_tokens_mean, budget, static_batches=static,
+                         kv_capacity_tokens=kv)
+    pred = model.predict(row.power_cap_w, int(row.max_num_seqs))
+    return RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
+                         model.median_step_s(row.power_cap_w, int(row.max_num_seqs)))
+
+
+def row_scenario(row: Any, seed: int = 0) -> Scenario:
+    """The scenario whose run measures the row's operating point in the simulator."""
+    par, replicas = parallelism(row)
+    prompt = max(1, round(row.prompt_tokens_mean))
+    output = max(1, round(row.output_tokens_mean))
+    b = int(row.max_num_seqs)
+    if row.workload == "static-batches":
+        workload: dict[str, Any] = {"kind": "static-batches", "batch_size": b * replicas, "prompt_tokens": prompt,
+                                    "output_tokens": output, "requests": STATIC_BATCHES_PER_ROW * b * replicas}
+        duration = 1e6  # the run ends when the last batch has finished
+    else:
+        # Output lengths vary (uniform on [1, 2·mean - 1]) so that finishes, and so prefills, are staggered.
+        workload = {"kind": "closed-loop", "clients": b * replicas, "prompt_tokens": prompt,
+                    "output_tokens": {"dist": "uniform", "low": 1, "high": max(1, 2 * output - 1)}}
+        itl = analytic_row(row, row_physics(row)).itl_median_s
+        duration = max(30.0, SATURATE_OUTPUT_LENGTHS * output * itl)
+    data = {
+        "name": f"{row.model} on {row.num_gpus}x{row.gpu} at {row.power_cap_w:g} W, max_num_seqs {b}",
+        "seed": seed, "duration_s": duration,
+        "deployments": [{
+            "name": "row", "model": row.model, "gpu": row.gpu, "replicas": replicas,
+            "parallelism": {"tensor": par.tensor, "data": par.data, "expert": par.expert},
+            "engine": {"max_num_seqs": b, "max_num_batched_tokens": max_num_batched_tokens(row)},
+            "workload": workload}],
+        "control": {"policy": "static", "period_s": max(0.5, duration / 200.0), "power_cap_w": row.power_cap_w},
+    }
+    return scenario_from_dict(data, "profile row")
+
+
+def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
+    """The row's operating point measured in the simulator.
+
+    Static batches: the whole run (every batch alike). Saturated: the windows after the first quarter of the
+    run (past the start-up burst of prefills), and the median over requests of the time per output token.
+    """
+    from sim.run import run_scenario
+
+    scenario = row_scenario(row, seed)
+    out = run_scenario(scenario)
+    if row.workload == "static-batches":
+        t = out.summary["totals"]
+        itl = _median_tpot(out.requests)
+        return RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl)
+    ts = out.timeseries
+    steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
+    window = steady.drop_duplicates(["time_s", "replica"])
+    span = float(steady.drop_duplicates("time_s")["window_s"].sum())
+    tokens = float((window["throughput_tokens_per_s"] * window["window_s"]).sum())
+    energy = float((steady["power_w"] * steady["window_s"]).sum())  # energy_j is the cumulative counter
+    n_gpus = int(steady["gpu"].nunique())
+    done = out.requests[out.requests["first_token_s"] >= 0.25 * scenario.duration_s]
+    return RowPrediction(tokens / span, energy / span / n_gpus, _median_tpot(done))
+
+
+def _median_tpot(requests: Any) -> float:
+    done = requests[(requests["status"] == "completed") & (requests["output_tokens"] > 1)]
+    if done.empty:
+        return math.nan
+    tpot = (done["finish_s"] - done["first_token_s"]) / (done["output_tokens"] - 1)
+    return float(np.median(tpot.to_numpy()))

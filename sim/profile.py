@@ -1,0 +1,231 @@
+"""The profile table: measured or simulated operating points of a deployment, one row each, as CSV.
+
+Columns (units in the names; ``itl_median_s`` may be empty):
+
+``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
+prompt_tokens_mean, output_tokens_mean, throughput_tokens_per_s, power_w_per_gpu, itl_median_s``
+
+``workload`` is ``static-batches`` (batches of ``max_num_seqs`` prompts, the next when the previous has
+finished: the PALS way) or ``saturate`` (enough clients to keep ``max_num_seqs`` sequences running: the
+ML.ENERGY way). Throughput counts output tokens of the whole deployment; power is the mean per GPU.
+
+Readers turn the public datasets of ``../shared/data`` into this table (``pals profile import``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sim.catalog.gpus import GPUS
+from sim.catalog.models import MODEL_NAMES
+from sim.errors import PalsError
+from sim.io import write_text_atomic
+
+COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
+           "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s",
+           "power_w_per_gpu", "itl_median_s")
+WORKLOADS = ("static-batches", "saturate")
+_INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
+_POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
+
+# Hugging Face ids in the public datasets → catalog names.
+HF_MODELS = {
+    "Qwen/Qwen3-235B-A22B-Instruct-2507": "qwen3-235b-a22b",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507": "qwen3-30b-a3b",
+    "Qwen/Qwen3-32B": "qwen3-32b",
+    "Qwen/Qwen3-8B": "qwen3-8b",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama-3.1-70b",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
+}
+# GPU names in the datasets → catalog names (Argonne's A100s are Polaris' A100 SXM4 40 GB).
+MLENERGY_GPUS = {"H100": "h100-sxm", "B200": "b200"}
+ARGONNE_GPUS = {"Nvidia A100 GPU": "a100-sxm4-40gb", "Nvidia H100 GPU": "h100-sxm"}
+
+# HellaSwag validation prompts as PALS sent them (context + 4 endings + "Answer:"): 150-250 tokens.
+PALS_PROMPT_TOKENS_MEAN = 200.0
+PALS_OUTPUT_TOKENS = 5.0  # max_tokens=5, greedy
+# ML.ENERGY v3's files give output lengths but not prompt lengths; LMArena chat prompts are short user turns
+# plus the chat template. This is an assumption; override with --prompt-tokens-mean.
+MLENERGY_PROMPT_TOKENS_MEAN = 300.0
+
+
+class ProfileError(PalsError):
+    """A profile table or dataset that cannot be read."""
+
+
+def empty_table() -> pd.DataFrame:
+    """A table with the profile columns and no rows."""
+    return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in COLUMNS})
+
+
+def _dtype(col: str) -> str:
+    if col in _INT_COLUMNS:
+        return "int64"
+    if col in ("source", "gpu", "model", "workload"):
+        return "object"
+    return "float64"
+
+
+def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Check a table's columns and values and give them their types; errors name ``where``, line and field."""
+    missing = [c for c in COLUMNS if c not in rows.columns and c != "itl_median_s"]
+    if missing:
+        raise ProfileError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+    df = rows.copy()
+    if "itl_median_s" not in df.columns:
+        df["itl_median_s"] = math.nan
+    for col in COLUMNS:
+        if _dtype(col) == "object":
+            bad = df[col].isna() | (df[col].astype(str).str.strip() == "")
+            _raise_first(bad, df, where, col, "a non-empty value")
+            df[col] = df[col].astype(str).str.strip()
+            continue
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")
+        _raise_first(bad, df, where, col, "a number")
+        if col != "itl_median_s":
+            _raise_first(values.isna(), df, where, col, "a number")
+        if col in _INT_COLUMNS:
+            _raise_first((values < 1) | (values != values.round()), df, where, col, "a positive integer")
+            df[col] = values.astype("int64")
+        else:
+            if col in _POSITIVE:
+                _raise_first(values <= 0, df, where, col, "a positive number")
+            elif col == "itl_median_s":
+                _raise_first(values <= 0, df, where, col, "a positive number or empty")
+            df[col] = values.astype("float64")
+    _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
+    return df[list(COLUMNS)].reset_index(drop=True)
+
+
+def _raise_first(bad: pd.Series, df: pd.DataFrame, where: str, col: str, expected: str) -> None:
+    if bool(bad.any()):
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ProfileError(f"{where}, line {i + 2}, field {col!r}: expected {expected}, got {df[col].iloc[i]!r}")
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read and check a profile table CSV."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProfileError(f"{p}: no such file (expected a profile table CSV)")
+    try:
+        rows = pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise ProfileError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if rows.empty:
+        raise ProfileError(f"{p}: no rows (expected a header line and at least one operating point)")
+    return normalise(rows, str(p))
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a profile table atomically (checked first)."""
+    table = normalise(df, str(path))
+    write_text_atomic(Path(path), table.to_csv(index=False, float_format="%.6g"))
+
+
+# ----- readers of the public datasets ---------------------------------------------------------------
+def import_pals_a100(path: str | Path) -> pd.DataFrame:
+    """The PALS authors' A100 TP4 sweep (``moe_summary_tp4.csv``): static batches, power cap × batch."""
+    p = Path(path)
+    raw = _read_csv(p, ("model", "tp", "cap_w", "batch", "avg_Tokens_per_s", "avg_gpu_power"))
+    tp = pd.to_numeric(raw["tp"], errors="coerce")
+    table = pd.DataFrame({
+        "source": "pals_a100", "gpu": "a100-sxm4-80gb", "model": raw["model"], "num_gpus": tp,
+        "tensor_parallel": tp, "expert_parallel": 1, "power_cap_w": raw["cap_w"], "max_num_seqs": raw["batch"],
+        "workload": "static-batches", "prompt_tokens_mean": PALS_PROMPT_TOKENS_MEAN,
+        "output_tokens_mean": PALS_OUTPUT_TOKENS, "throughput_tokens_per_s": raw["avg_Tokens_per_s"],
+        "power_w_per_gpu": raw["avg_gpu_power"], "itl_median_s": math.nan})
+    return normalise(table, str(p))
+
+
+def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMPT_TOKENS_MEAN) -> pd.DataFrame:
+    """ML.ENERGY v3 model files (a folder of them, or one): continuous batching at several ``max_num_seqs``.
+
+    Only GPUs and models the catalog knows are kept. ``avg_power_watts`` is the run's total over its GPUs.
+    """
+    p = Path(path)
+    files = sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise ProfileError(f"{p}: no ML.ENERGY JSON files found")
+    rows = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+            model = HF_MODELS.get(doc["model_id"])
+            for i, c in enumerate(doc["configurations"]):
+                gpu = MLENERGY_GPUS.get(c["gpu_model"])
+                if model is None or gpu is None:
+                    continue
+                par = c["parallelization"]
+                n = int(c["num_gpus"])
+                rows.append({
+                    "source": "mlenergy_v3", "gpu": gpu, "model": model, "num_gpus": n,
+                    "tensor_parallel": int(par["tensor_parallel"]), "expert_parallel": int(par["expert_parallel"]),
+                    "power_cap_w": GPUS[gpu].default_power_limit_w, "max_num_seqs": int(c["max_num_seqs"]),
+                    "workload": "saturate", "prompt_tokens_mean": prompt_tokens_mean,
+                    "output_tokens_mean": float(c["avg_output_len"]),
+                    "throughput_tokens_per_s": float(c["output_throughput_tokens_per_sec"]),
+                    "power_w_per_gpu": float(c["avg_power_watts"]) / n,
+                    "itl_median_s": float(c["median_itl_ms"]) / 1000.0})
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            where = f"configurations[{i}]" if "i" in locals() else "top level"
+            raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
+    return normalise(pd.DataFrame(rows, columns=list(COLUMNS)), str(p))
+
+
+def import_argonne(path: str | Path) -> pd.DataFrame:
+    """Argonne LLM-Inference-Bench power results: static batches, input = output tokens, power in mW.
+
+    ``Throughput`` there counts input and output tokens; output throughput is ``batch × output / latency``.
+    Rows of GPUs the catalog lacks (GH200) are left out.
+    """
+    p = Path(path)
+    raw = _read_csv(p, ("Hardware", "Num of Hardware", "Model", "Input Output Length", "Batch Size", "Latency",
+                        "avg_power")).dropna(how="all")
+    raw = raw[raw["Hardware"].isin(ARGONNE_GPUS) & raw["Model"].isin(HF_MODELS)]
+    n = pd.to_numeric(raw["Num of Hardware"], errors="coerce")
+    length = pd.to_numeric(raw["Input Output Length"], errors="coerce")
+    batch = pd.to_numeric(raw["Batch Size"], errors="coerce")
+    latency = pd.to_numeric(raw["Latency"], errors="coerce")
+    table = pd.DataFrame({
+        "source": "argonne", "gpu": raw["Hardware"].map(ARGONNE_GPUS), "model": raw["Model"].map(HF_MODELS),
+        "num_gpus": n, "tensor_parallel": n, "expert_parallel": 1,
+        "power_cap_w": raw["Hardware"].map(ARGONNE_GPUS).map(lambda g: GPUS[g].default_power_limit_w),
+        "max_num_seqs": batch, "workload": "static-batches", "prompt_tokens_mean": length,
+        "output_tokens_mean": length, "throughput_tokens_per_s": batch * length / latency,
+        "power_w_per_gpu": pd.to_numeric(raw["avg_power"], errors="coerce") / 1000.0 / n, "itl_median_s": math.nan})
+    return normalise(table, str(p))
+
+
+def _read_csv(p: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    if not p.is_file():
+        raise ProfileError(f"{p}: no such file")
+    try:
+        raw = pd.read_csv(p, skip_blank_lines=True)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise ProfileError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in needed if c not in raw.columns]
+    if missing:
+        raise ProfileError(f"{p}: missing column(s) {', '.join(missing)}")
+    return raw
+
+
+IMPORTERS = {"pals-a100": import_pals_a100, "mlenergy": import_mlenergy, "argonne": import_argonne}
+
+
+def check_catalog(table: pd.DataFrame, where: str) -> None:
+    """Every row's GPU and model must be in the catalog."""
+    for col, known in (("gpu", GPUS), ("model", MODEL_NAMES)):
+        bad = ~table[col].isin(list(known))
+        if bool(bad.any()):
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ProfileError(f"{where}, line {i + 2}, field {col!r}: {table[col].iloc[i]!r} is not in the catalog "
+                               f"(expected one of {', '.join(sorted(known))})")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from sim.catalog.calibration import engine_params
 from sim.catalog.gpus import GpuSpec, UnknownGpuError, get_gpu
 from sim.catalog.models import ModelConfigError, ModelSpec, load_model
 from sim.engine import kv_capacity_tokens
-from sim.catalog.calibration import engine_params
 from sim.physics import EngineOverheads, Parallelism, ReplicaPhysics
 from sim.routing import ExpertPopularity
 from sim.scenario import DeploymentConfig, Scenario, ScenarioError, TraceWorkload

@@ -24,10 +24,10 @@ from sim.catalog.gpus import GpuSpec, datasheet_gpu
 from sim.errors import PalsError
 from sim.io import write_json_atomic
 from sim.operating_point import RowPrediction, analytic_row, row_physics
-from sim.physics import EngineOverheads
-
+from sim.physics import EngineOverheads, voltage_squared
 
 PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
+FLOOR_WEIGHT = 3.0  # per unit of relative excess of the lowest-clock power over the lowest power limit
 
 
 class CalibrationError(PalsError):
@@ -76,6 +76,18 @@ class FitResult:
     mape: dict[str, float]
 
 
+def floor_power_w(gpu: GpuSpec) -> float:
+    """Power at the lowest clock with tensor cores and HBM both saturated: the most a GPU can draw there.
+
+    Real GPUs hold their lowest power limit under any load (PALS: 98-101 W under a 100 W cap at every batch),
+    so a fit must keep this at or below ``power_limit_min_w``.
+    """
+    f = gpu.min_clock_fraction
+    v2 = voltage_squared(gpu, f)
+    return (gpu.idle_power_w + (gpu.active_base_power_w + gpu.compute_power_w) * f * v2
+            + gpu.memory_power_w * min(1.0, f / 0.5))
+
+
 def _bounds(gpu: GpuSpec) -> tuple[np.ndarray, np.ndarray]:
     tdp = gpu.power_limit_max_w
     lo = np.array([p.low * (tdp if p.scale_by_tdp else 1.0) for p in PARAMS])
@@ -89,13 +101,19 @@ def _unpack(x: np.ndarray, gpu: GpuSpec) -> tuple[GpuSpec, EngineOverheads]:
     return replace(gpu, **g), EngineOverheads(**e)
 
 
+def with_params(gpu: GpuSpec, fitted: GpuSpec) -> GpuSpec:
+    """``gpu``'s datasheet figures with the fitted physics parameters of ``fitted`` (a GPU of the same die)."""
+    return replace(gpu, **{p.name: getattr(fitted, p.name) for p in PARAMS if p.part == "gpu"})
+
+
 def _pack(gpu: GpuSpec, engine: EngineOverheads) -> np.ndarray:
     return np.array([getattr(gpu if p.part == "gpu" else engine, p.name) for p in PARAMS], dtype=float)
 
 
 def predict_rows(table: pd.DataFrame, gpu: GpuSpec, engine: EngineOverheads) -> list[RowPrediction]:
-    """Closed-form predictions of every row with these parameters."""
-    return [analytic_row(r, row_physics(r, gpu, engine)) for r in table.itertuples(index=False)]
+    """Closed-form predictions of every row with these parameters (each row on its own GPU's datasheet)."""
+    specs = {name: with_params(datasheet_gpu(name), gpu) for name in set(table["gpu"])}
+    return [analytic_row(r, row_physics(r, specs[r.gpu], engine)) for r in table.itertuples(index=False)]
 
 
 def _residuals(preds: list[RowPrediction], table: pd.DataFrame) -> np.ndarray:
@@ -124,9 +142,10 @@ def mape(preds: list[RowPrediction], table: pd.DataFrame) -> dict[str, float]:
 
 
 def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverheads] | None = None,
-        max_evals: int = 400) -> FitResult:
-    """Fit one GPU type's parameters (and its engine's) to the table's rows of that GPU."""
-    rows = table[table["gpu"] == gpu_name].reset_index(drop=True)
+        max_evals: int = 400, same_die: tuple[str, ...] = ()) -> FitResult:
+    """Fit one GPU type's parameters (and its engine's) to the table's rows of that GPU and of the GPUs
+    ``same_die`` (variants of the same chip, e.g. the 40 GB and 80 GB A100: one parameter set for all)."""
+    rows = table[table["gpu"].isin([gpu_name, *same_die])].reset_index(drop=True)
     if rows.empty:
         raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
     base, engine0 = start or (datasheet_gpu(gpu_name), EngineOverheads())
@@ -141,7 +160,9 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
         g, e = _unpack(lo + z * span, base)
         # A weak pull towards the first estimates keeps parameters the data barely constrain (the voltage
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
-        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z - z0)])
+        excess = max(0.0, floor_power_w(g) / g.power_limit_min_w - 1.0)
+        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z - z0),
+                               [FLOOR_WEIGHT * math.sqrt(len(rows)) * excess]])
 
     sol = least_squares(residuals, z0, bounds=(0.0, 1.0), method="trf", max_nfev=max_evals,
                         diff_step=1e-4)
@@ -152,7 +173,7 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
 def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, applies_to: list[str],
                       out_dir: str | Path = CALIBRATION_DIR) -> Path:
     """Write a fit where the catalog reads it (``<out_dir>/<gpu>.json``), with the data it came from."""
-    rows = table[table["gpu"] == result.gpu.name]
+    rows = table[table["gpu"].isin([result.gpu.name, *applies_to])]
     gpu_params = {p.name: _round(getattr(result.gpu, p.name)) for p in PARAMS if p.part == "gpu"}
     engine = {p.name: _round(getattr(result.engine, p.name)) for p in PARAMS if p.part == "engine"}
     doc: dict[str, Any] = {
@@ -160,7 +181,7 @@ def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, a
         "applies_to": sorted({result.gpu.name, *applies_to}),
         "gpu_params": gpu_params,
         "engine": engine,
-        "fitted_on": {"table": str(table_path), "rows": int(len(rows)),
+        "fitted_on": {"table": str(table_path), "rows": len(rows),
                       "sources": sorted(set(rows["source"])), "models": sorted(set(rows["model"])),
                       "power_caps_w": sorted({float(c) for c in rows["power_cap_w"]})},
         "fit": {"mape_percent": {k: round(v, 2) for k, v in result.mape.items()}, "cost": round(result.cost, 6),

@@ -117,6 +117,129 @@ def reproduce(
     console.print(f"outputs in {out}/")
 
 
+profile_app = typer.Typer(no_args_is_help=True, help="Profile tables: measured or simulated operating points (CSV).")
+app.add_typer(profile_app, name="profile")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PalsError(f"{option} {text!r}: expected comma-separated numbers, e.g. 150,200,250") from None
+    if not values or any(v <= 0 for v in values):
+        raise PalsError(f"{option} {text!r}: expected positive numbers")
+    return values
+
+
+@profile_app.command("import")
+def profile_import(
+    kind: Annotated[str, typer.Argument(help="Dataset: pals-a100, mlenergy or argonne.")],
+    path: Annotated[Path, typer.Argument(help="The dataset's CSV file (ML.ENERGY: a folder of JSON files).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Profile table CSV to write.")],
+    prompt_tokens_mean: Annotated[float | None, typer.Option(
+        help="ML.ENERGY only: mean prompt tokens (the files do not carry it).")] = None,
+) -> None:
+    """Turn a public dataset into the profile table."""
+    from sim.profile import IMPORTERS, import_mlenergy, write_table
+
+    try:
+        if kind not in IMPORTERS:
+            raise PalsError(f"unknown dataset {kind!r}: expected one of {', '.join(IMPORTERS)}")
+        if kind == "mlenergy" and prompt_tokens_mean is not None:
+            table = import_mlenergy(path, prompt_tokens_mean)
+        else:
+            table = IMPORTERS[kind](path)
+        write_table(table, out)
+    except PalsError as exc:
+        _fail(exc)
+    console.print(f"{len(table)} rows ({', '.join(sorted(set(table['model'])))}) written to {out}")
+
+
+@profile_app.command("sim")
+def profile_sim(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file (its first deployment is profiled).")],
+    caps: Annotated[str, typer.Option("--caps", help="Comma-separated power caps (W).")],
+    batches: Annotated[str, typer.Option("--batches", help="Comma-separated max_num_seqs values.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Profile table CSV to write.")],
+    workload: Annotated[str | None, typer.Option(
+        help="static-batches or saturate (default: static-batches for a static-batches scenario, else saturate).")]
+    = None,
+) -> None:
+    """Write the profile table of a deployment from the simulator: every cap x batch, one simulated run each."""
+    from sim.profile import simulated_profile, write_table
+    from sim.scenario import load_scenario
+
+    try:
+        sc = load_scenario(scenario, [])
+        table = simulated_profile(sc, _floats(caps, "--caps"), [int(b) for b in _floats(batches, "--batches")],
+                                  workload)
+        write_table(table, out)
+    except PalsError as exc:
+        _fail(exc)
+    console.print(f"{len(table)} simulated operating points written to {out}")
+
+
+@app.command()
+def validate(
+    table: Annotated[Path, typer.Argument(help="Profile table CSV (measured operating points).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/validate"),
+    analytic: Annotated[bool, typer.Option("--analytic", help="Closed-form steady state instead of simulating.")]
+    = False,
+) -> None:
+    """Simulate every row of a profile table; write validation.csv, validation.json (MAPE per metric, per
+    source, model and GPU) and validation.html into --out."""
+    from sim.profile import read_table
+    from sim.validate import METRICS, predict_table, write_validation
+
+    try:
+        if out.exists() and not out.is_dir():
+            raise PalsError(f"--out {out}: exists and is not a folder")
+        rows = read_table(table)
+        validated = predict_table(rows, str(table), "analytic" if analytic else "simulate")
+        summary = write_validation(validated, out, f"Validation of {table.name}")
+    except (PalsError, ValueError) as exc:
+        _fail(exc)
+    header = ["", "rows", *[f"{m} MAPE %" for m in METRICS]]
+    lines = [[name, str(b["rows"]), *[f"{b[m]:.1f}" if m in b else "-" for m in METRICS]]
+             for name, b in [("overall", summary["overall"]), *summary["by_model"].items()]]
+    print_table(f"{table.name}: predicted vs measured", header, lines)
+    console.print(f"outputs in {out}/  (report: {out / 'validation.html'})")
+
+
+@app.command()
+def calibrate(
+    table: Annotated[Path, typer.Argument(help="Profile table CSV (measured operating points).")],
+    gpu: Annotated[str | None, typer.Option(help="Fit only this GPU's rows (default: every GPU in the table).")]
+    = None,
+    applies_to: Annotated[str, typer.Option(
+        "--applies-to", help="Comma-separated other GPU names that share the fit (same die).")] = "",
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out-dir", help="Where to write <gpu>.json (default: traces/calibration, read by the catalog).")] = None,
+) -> None:
+    """Fit the per-GPU-type and engine physics parameters to measured rows (scipy least squares) and write
+    them, with the data they came from, where the catalog reads them. Rows of the --applies-to GPUs (same
+    die) are fitted together with the GPU's own."""
+    from sim.calibrate import PARAMS, fit, write_calibration
+    from sim.catalog.calibration import CALIBRATION_DIR
+    from sim.profile import check_catalog, read_table
+
+    try:
+        rows = read_table(table)
+        check_catalog(rows, str(table))
+        others = [g.strip() for g in applies_to.split(",") if g.strip()]
+        gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
+        for name in gpus:
+            result = fit(rows, name, same_die=tuple(others))
+            path = write_calibration(result, str(table), rows, others, out_dir or CALIBRATION_DIR)
+            lines = [[p.name, f"{getattr(result.gpu if p.part == 'gpu' else result.engine, p.name):.4g}"]
+                     for p in PARAMS]
+            print_table(f"{name}: fitted on {result.rows} rows", ["parameter", "value"], lines)
+            console.print("in-sample MAPE: " + ", ".join(f"{k} {v:.1f} %" for k, v in result.mape.items()))
+            console.print(f"written to {path}")
+    except (PalsError, ValueError) as exc:
+        _fail(exc)
+
+
 @app.command()
 def schema() -> None:
     """Print the scenario JSON schema."""

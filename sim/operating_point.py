@@ -105,6 +105,7 @@ def row_scenario(row: Any, seed: int = 0) -> Scenario:
             "parallelism": {"tensor": par.tensor, "data": par.data, "expert": par.expert},
             "engine": {"max_num_seqs": b, "max_num_batched_tokens": max_num_batched_tokens(row)},
             "workload": workload}],
+        "power": {"cap_actuation_delay_s": 0.0},  # the cap holds from the start, as in a profiling sweep
         "control": {"policy": "static", "period_s": max(0.5, duration / 200.0), "power_cap_w": row.power_cap_w},
     }
     return scenario_from_dict(data, "profile row")

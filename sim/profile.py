@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -157,10 +158,12 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
         raise ProfileError(f"{p}: no ML.ENERGY JSON files found")
     rows = []
     for f in files:
+        where = "top level"
         try:
             doc = json.loads(f.read_text(encoding="utf-8"))
             model = HF_MODELS.get(doc["model_id"])
             for i, c in enumerate(doc["configurations"]):
+                where = f"configurations[{i}]"
                 gpu = MLENERGY_GPUS.get(c["gpu_model"])
                 if model is None or gpu is None:
                     continue
@@ -176,7 +179,6 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
                     "power_w_per_gpu": float(c["avg_power_watts"]) / n,
                     "itl_median_s": float(c["median_itl_ms"]) / 1000.0})
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            where = f"configurations[{i}]" if "i" in locals() else "top level"
             raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
     return normalise(pd.DataFrame(rows, columns=list(COLUMNS)), str(p))
 
@@ -185,12 +187,13 @@ def import_argonne(path: str | Path) -> pd.DataFrame:
     """Argonne LLM-Inference-Bench power results: static batches, input = output tokens, power in mW.
 
     ``Throughput`` there counts input and output tokens; output throughput is ``batch × output / latency``.
-    Rows of GPUs the catalog lacks (GH200) are left out.
+    Only the vLLM rows are kept (the others are TensorRT-LLM and DeepSpeed-MII, other engines), and only GPUs
+    the catalog has (not GH200).
     """
     p = Path(path)
-    raw = _read_csv(p, ("Hardware", "Num of Hardware", "Model", "Input Output Length", "Batch Size", "Latency",
-                        "avg_power")).dropna(how="all")
-    raw = raw[raw["Hardware"].isin(ARGONNE_GPUS) & raw["Model"].isin(HF_MODELS)]
+    raw = _read_csv(p, ("Hardware", "Num of Hardware", "Framework", "Model", "Input Output Length", "Batch Size",
+                        "Latency", "avg_power")).dropna(how="all")
+    raw = raw[raw["Hardware"].isin(ARGONNE_GPUS) & raw["Model"].isin(HF_MODELS) & (raw["Framework"] == "vLLM")]
     n = pd.to_numeric(raw["Num of Hardware"], errors="coerce")
     length = pd.to_numeric(raw["Input Output Length"], errors="coerce")
     batch = pd.to_numeric(raw["Batch Size"], errors="coerce")
@@ -216,6 +219,44 @@ def _read_csv(p: Path, needed: tuple[str, ...]) -> pd.DataFrame:
     if missing:
         raise ProfileError(f"{p}: missing column(s) {', '.join(missing)}")
     return raw
+
+
+def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
+                      workload: str | None = None) -> pd.DataFrame:
+    """The profile table of a scenario's first deployment, from the simulator: one run per cap × batch.
+
+    Each operating point is measured the way ``pals validate`` measures a row (``sim.operating_point``): the
+    deployment's model, GPU and parallelism with the scenario workload's mean prompt and output lengths.
+    """
+    from sim.operating_point import simulate_row
+    from sim.workload import token_means
+
+    dep = scenario.deployments[0]
+    kind = workload or ("static-batches" if dep.workload.kind == "static-batches" else "saturate")
+    if kind not in WORKLOADS:
+        raise ProfileError(f"--workload {kind!r}: expected one of {', '.join(WORKLOADS)}")
+    if not isinstance(dep.model, str):
+        raise ProfileError("deployments[0].model: profiling needs a catalog model name")
+    prompt, output = token_means(scenario, 0)
+    gpu = GPUS[dep.gpu]
+    bad = [c for c in caps_w if not gpu.power_limit_min_w <= c <= gpu.power_limit_max_w]
+    if bad:
+        raise ProfileError(f"--caps {bad[0]:g}: outside {dep.gpu}'s range {gpu.power_limit_min_w:g}-"
+                           f"{gpu.power_limit_max_w:g} W")
+    par = dep.parallelism
+    n = dep.replicas * par.tensor * par.data
+    rows = []
+    for cap in caps_w:
+        for b in batches:
+            row = pd.Series({"source": "simulated", "gpu": dep.gpu, "model": dep.model, "num_gpus": n,
+                             "tensor_parallel": par.tensor,
+                             "expert_parallel": par.tensor * par.data if par.expert else 1,
+                             "power_cap_w": float(cap), "max_num_seqs": int(b), "workload": kind,
+                             "prompt_tokens_mean": prompt, "output_tokens_mean": output})
+            p = simulate_row(row)
+            rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
+                         "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s})
+    return normalise(pd.DataFrame(rows), "simulated profile")
 
 
 IMPORTERS = {"pals-a100": import_pals_a100, "mlenergy": import_mlenergy, "argonne": import_argonne}

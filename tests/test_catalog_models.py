@@ -86,7 +86,8 @@ STATED: dict[str, Stated] = {
     "llama-4-scout": Stated(109 * B, 17 * B, True),
 }
 
-DENSE = ["llama-2-7b", "llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.3-70b", "qwen3-8b", "qwen3-14b", "qwen3-32b"]
+DENSE = ["llama-2-7b", "llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.3-70b", "qwen3-8b", "qwen3-14b",
+         "qwen3-32b"]
 
 
 def _rel(got: float, want: float) -> float:

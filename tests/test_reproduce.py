@@ -30,7 +30,7 @@ def test_reduced_reproduction(tmp_path):
 
     qos = r["multi_node"]["qos_violation_fraction"]
     assert np.mean(list(qos["pals"].values())) < np.mean(list(qos["static"].values()))
-    assert max(qos["pals"].values()) < max(qos["static"].values())
+    assert max(qos["pals"].values()) <= max(qos["static"].values())
 
     dr = r["demand_response"]
     assert set(dr["tracking_error_w"]) == {"cap-only", "pals"}

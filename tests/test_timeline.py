@@ -27,7 +27,7 @@ def _prefill_s(phys, prompt: int, decodes: list[int] = ()) -> float:
     ctx = sum(c + 1 for c in decodes)
     pairs = ctx + prompt * (prompt + 1) / 2
     kv = ctx + prompt
-    return phys.step_time_s(phys.step_work(n + prompt, n + 1, n + 1, pairs, kv), 1.0)
+    return phys.step_time_s(phys.step_work(n + prompt, n + 1, n + 1, pairs, kv, num_new=1), 1.0)
 
 
 def test_single_request_timeline_is_prefill_then_decodes():
@@ -99,18 +99,20 @@ def test_static_batches_start_when_the_previous_batch_ends():
 
 
 def test_mixed_step_with_prefill_chunks_respects_token_budget():
-    # A 3,000-token prompt with max_num_batched_tokens=1,024 is prefilled in 3 chunks (1024, 1024, 952).
-    sc = tiny({"kind": "poisson", "rate_per_s": 1.0, "requests": 1, "prompt_tokens": 3000, "output_tokens": 2},
-              engine={"max_num_batched_tokens": 1024, "max_num_seqs": 8})
+    # A 300-token prompt with max_num_batched_tokens=128 is prefilled in 3 chunks (128, 128, 44); chunks this
+    # small stay below the default power limit, so the clock stays at its max.
+    sc = tiny({"kind": "poisson", "rate_per_s": 1.0, "requests": 1, "prompt_tokens": 300, "output_tokens": 2},
+              engine={"max_num_batched_tokens": 128, "max_num_seqs": 8})
     phys = build_physics(sc, sc.deployments[0])
     res = simulate(sc)
     req = res.deployments[0].completed[0]
     t = req.arrival_s
     done = 0
-    for c in (1024, 1024, 952):
+    for c in (128, 128, 44):
         pairs = c * done + c * (c + 1) / 2
-        last = done + c == 3000
-        t += phys.step_time_s(phys.step_work(c, 1 if last else 0, 1, pairs, done + c), 1.0)
+        last = done + c == 300
+        assert phys.clock_for_cap(phys.step_work(c, 1, 1, pairs, done + c), 700.0) == 1.0
+        t += phys.step_time_s(phys.step_work(c, 1 if last else 0, 1, pairs, done + c, num_new=int(done == 0)), 1.0)
         done += c
     assert req.first_token_s == pytest.approx(t, rel=REL)
     assert res.deployments[0].engines[0].iterations == 4  # 3 prefill chunks + 1 decode

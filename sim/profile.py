@@ -61,11 +61,6 @@ class ProfileError(PalsError):
     """A profile table or dataset that cannot be read."""
 
 
-def empty_table() -> pd.DataFrame:
-    """A table with the profile columns and no rows."""
-    return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in COLUMNS})
-
-
 def _dtype(col: str) -> str:
     if col in _INT_COLUMNS:
         return "int64"

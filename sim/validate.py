@@ -96,7 +96,7 @@ def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str
     head = "".join(f"<th>{m} MAPE %</th>" for m in METRICS)
     return (f"<html><head><meta charset='utf-8'><title>{title}</title></head><body><h1>{title}</h1>"
             f"<table border='1' cellpadding='4'><tr><th></th><th>rows</th>{head}</tr>{table_rows}</table>"
-            + fig.to_html(full_html=False, include_plotlyjs="cdn")
+            + fig.to_html(full_html=False, include_plotlyjs="inline")  # readable offline
             + batch_fig.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
 
 

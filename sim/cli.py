@@ -273,6 +273,20 @@ def catalog() -> None:
     console.print(m)
 
 
+def _register_subcommands() -> None:
+    """The sweep command and the hardware side's commands (``hil`` is imported only here, for the CLI)."""
+    from hil.cli import register as register_hil
+    from hil.twin_cli import register as register_twin
+    from sim.sweep.cli import register as register_sweep
+
+    register_sweep(app)
+    register_hil(app)
+    register_twin(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     """Entry point: PalsError → one message and exit code 2."""
     try:

@@ -1,0 +1,1 @@
+"""Grid / what-if sweeps over scenario fields, run on Dask."""

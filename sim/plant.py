@@ -19,6 +19,7 @@ from sim.catalog.gpus import get_gpu
 from sim.control import Action, Controller, ControllerContext, Observation, build_controller
 from sim.control.coordinator import Claim, Split, even_split, need_split
 from sim.control.models import PerformanceModel, PhysicsModel, SimulatedModel
+from sim.control.offline import random_forest_for
 from sim.control.policies import batch_candidates, cap_candidates, choose
 from sim.engine import Engine, kv_capacity_tokens
 from sim.gpu import ActivityLedger, SimGpu
@@ -89,6 +90,9 @@ class DeploymentRuntime:
                                   static_batches=isinstance(cfg.workload, StaticBatchesWorkload))
         self.target_tokens_per_s = resolve_target(cfg, self.perf_model, self.gpu_spec.power_limit_max_w)
         c = scenario.control
+        self.offline_model: PerformanceModel = self.perf_model
+        if c.offline_model == "random_forest" and c.policy not in ("static", "oracle"):
+            self.offline_model = random_forest_for(scenario, index, len(self.gpus), prompt_mean, output_mean)
         self.controller: Controller = build_controller(c.policy, ControllerContext(
             deployment=cfg.name, num_gpus=len(self.gpus),
             power_limit_range_w=(self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w),
@@ -104,11 +108,11 @@ class DeploymentRuntime:
         self.last_tokens = [0] * len(self.engines)
 
     def _model_for(self, policy: str, scenario: Scenario, index: int) -> PerformanceModel:
-        """The offline model a policy plans with: the physics steady state, or, for the oracle, the plant
-        itself measured in short simulations."""
+        """The offline model a policy plans with (``control.offline_model``: the physics steady state or a
+        random forest), or, for the oracle, the plant itself measured in short simulations."""
         if policy == "oracle":
             return SimulatedModel(scenario, index, float(scenario.control.params.get("oracle_probe_s", 30.0)))
-        return self.perf_model
+        return self.offline_model
 
     def target_correction(self) -> float:
         """How far above its target the controller aims (margin x PID correction), rounded to 2 %: 1 for
@@ -123,8 +127,9 @@ class DeploymentRuntime:
         lo, hi = self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w
         need = math.nan
         if not math.isnan(self.target_tokens_per_s):
-            best = choose(self.perf_model, cap_candidates(lo, hi, 25.0), batch_candidates(self.cfg.engine.max_num_seqs),
-                          len(self.gpus), self.target_tokens_per_s * correction, math.inf)
+            best = choose(self.offline_model, cap_candidates(lo, hi, 25.0),
+                          batch_candidates(self.cfg.engine.max_num_seqs), len(self.gpus),
+                          self.target_tokens_per_s * correction, math.inf)
             need = best.power_cap_w * len(self.gpus)
         return Claim(len(self.gpus), lo, hi, need)
 

@@ -217,8 +217,9 @@ def _read_csv(p: Path, needed: tuple[str, ...]) -> pd.DataFrame:
 
 
 def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
-                      workload: str | None = None) -> pd.DataFrame:
-    """The profile table of a scenario's first deployment, from the simulator: one run per cap × batch.
+                      workload: str | None = None, deployment_index: int = 0) -> pd.DataFrame:
+    """The profile table of a scenario's deployment (the first by default), from the simulator: one run per
+    cap × batch.
 
     Each operating point is measured the way ``pals validate`` measures a row (``sim.operating_point``): the
     deployment's model, GPU and parallelism with the scenario workload's mean prompt and output lengths.
@@ -226,13 +227,13 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
     from sim.operating_point import simulate_row
     from sim.workload import token_means
 
-    dep = scenario.deployments[0]
+    dep = scenario.deployments[deployment_index]
     kind = workload or ("static-batches" if dep.workload.kind == "static-batches" else "saturate")
     if kind not in WORKLOADS:
         raise ProfileError(f"--workload {kind!r}: expected one of {', '.join(WORKLOADS)}")
     if not isinstance(dep.model, str):
-        raise ProfileError("deployments[0].model: profiling needs a catalog model name")
-    prompt, output = token_means(scenario, 0)
+        raise ProfileError(f"deployments[{deployment_index}].model: profiling needs a catalog model name")
+    prompt, output = token_means(scenario, deployment_index)
     gpu = GPUS[dep.gpu]
     bad = [c for c in caps_w if not gpu.power_limit_min_w <= c <= gpu.power_limit_max_w]
     if bad:
@@ -252,6 +253,29 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
             rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
                          "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s})
     return normalise(pd.DataFrame(rows), "simulated profile")
+
+
+def rows_for_deployment(table: pd.DataFrame, gpu: str, model: str, tensor_parallel: int, expert_parallel: int,
+                        workload: str, where: str) -> pd.DataFrame:
+    """The rows of a profile table measured on one deployment layout: its GPU, model, tensor and expert
+    parallelism and workload style. Raises ``ProfileError`` naming what is missing when none match."""
+    sel = table[(table["gpu"] == gpu) & (table["model"] == model)]
+    if sel.empty:
+        have = sorted({f"{g}/{m}" for g, m in zip(table["gpu"], table["model"], strict=True)})
+        raise ProfileError(f"{where}: no rows for model {model!r} on {gpu!r} (the table has {', '.join(have)})")
+    layout = sel[(sel["tensor_parallel"] == tensor_parallel) & (sel["expert_parallel"] == expert_parallel)]
+    if layout.empty:
+        have = sorted({f"TP{t}/EP{e}" for t, e in zip(sel["tensor_parallel"], sel["expert_parallel"], strict=True)})
+        raise ProfileError(f"{where}: no rows for {model} on {gpu} with tensor_parallel {tensor_parallel} and "
+                           f"expert_parallel {expert_parallel} (it has {', '.join(have)})")
+    styled = layout[layout["workload"] == workload]
+    if styled.empty:
+        raise ProfileError(f"{where}: the rows for {model} on {gpu} are {layout['workload'].iloc[0]!r}, the "
+                           f"deployment's workload is {workload!r}")
+    if styled["power_cap_w"].nunique() < 2 or styled["max_num_seqs"].nunique() < 2:
+        raise ProfileError(f"{where}: {len(styled)} rows for {model} on {gpu}: a model of cap and batch needs "
+                           "at least two caps and two batch sizes")
+    return styled.reset_index(drop=True)
 
 
 IMPORTERS = {"pals-a100": import_pals_a100, "mlenergy": import_mlenergy, "argonne": import_argonne}

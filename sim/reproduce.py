@@ -111,6 +111,8 @@ def single_node(p: Platform, quick: bool, runs: dict[str, RunOutputs]) -> dict[s
     duration = 60.0 if quick else 600.0
     per_model: dict[str, dict[str, float]] = {}
     qos_model: dict[str, dict[str, float]] = {}
+    rf_model: dict[str, float] = {}
+    rf_qos: dict[str, float] = {}
     for model in p.single_node_models:
         workload = {"kind": "static-batches", "batch_size": 64, "prompt_tokens": HELLASWAG_PROMPT,
                     "output_tokens": 5}
@@ -129,6 +131,12 @@ def single_node(p: Platform, quick: bool, runs: dict[str, RunOutputs]) -> dict[s
             qos_model[model][policy] = totals["qos_violation_fraction"]
             if policy == "static":
                 target = SINGLE_NODE_TARGET * totals["throughput_tokens_per_s"]
+        # pals again, planning with the paper's random forests trained on a simulated profile of the model.
+        sc = _scenario(f"single-{p.key}-{model}", [dep], duration, "pals", {"gpus_per_node": p.gpus_per_node},
+                       {"power_cap_w": p.baseline_cap_w, "max_num_seqs": 64, "offline_model": "random_forest"})
+        totals = _run(sc, runs, f"single/{p.key}/{model}/pals-rf")["totals"]
+        rf_model[model] = totals["tokens_per_j"] / per_model[model]["static"]
+        rf_qos[model] = totals["qos_violation_fraction"]
     normalized = {pol: float(np.mean([per_model[m][pol] / per_model[m]["static"] for m in per_model]))
                   for pol in POLICIES}
     oracle_gain = normalized["oracle"] - 1.0
@@ -140,6 +148,15 @@ def single_node(p: Platform, quick: bool, runs: dict[str, RunOutputs]) -> dict[s
         "qos_violation_fraction": {pol: float(np.mean([qos_model[m][pol] for m in qos_model]))
                                    for pol in POLICIES if pol != "static"},
         "pals_share_of_oracle_gain": (normalized["pals"] - 1.0) / oracle_gain if oracle_gain > 0 else math.nan,
+        # pals with each offline model: tokens/J vs static and windows below the target (means over models).
+        "offline_models": {
+            "physics": {"normalized_tokens_per_j": normalized["pals"],
+                        "qos_violation_fraction": float(np.mean([qos_model[m]["pals"] for m in qos_model])),
+                        "per_model": {m: per_model[m]["pals"] / per_model[m]["static"] for m in per_model}},
+            "random_forest": {"normalized_tokens_per_j": float(np.mean(list(rf_model.values()))),
+                              "qos_violation_fraction": float(np.mean(list(rf_qos.values()))),
+                              "per_model": rf_model},
+        },
     }
 
 
@@ -292,6 +309,11 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "|---" * (len(POLICIES) + 1) + "|"]
     for m, d in s1["per_model"].items():
         lines.append(f"| {m} | " + " | ".join(f"{d[p]:.3f}" for p in POLICIES) + " |")
+    lines += ["", "pals with either offline model (the paper's random forests are trained here on a simulated "
+              "profile of each model, caps every 50 W x batches 1-64):", "",
+              "| offline model | tokens/J vs static | windows below target |", "|---|---|---|"]
+    for name, d in s1.get("offline_models", {}).items():
+        lines.append(f"| {name} | {d['normalized_tokens_per_j']:.3f} | {_pct(d['qos_violation_fraction'])} |")
     lines += ["", "## 2. Multi-node budget (3 nodes of 4xA100, targets 90/60/75 %)", "",
               "System budget: 82 % of the three nodes' unconstrained draw, as tight as the paper's 4,800 W.", "",
               "| policy | " + " | ".join(s2["qos_violation_fraction"]["static"]) + " | efficiency vs static |",

@@ -299,6 +299,16 @@ class ControlConfig(_Model):
                                                               "(None: the GPU's default limit).")
     max_num_seqs: int | None = Field(None, ge=1, description="Fixed batch knob of static and cap-only (None: the "
                                                              "engine's max_num_seqs).")
+    offline_model: Literal["physics", "random_forest"] = Field(
+        "physics", description="What batch-only, cap-only and pals plan with: the simulator's physics in closed "
+                               "form, or random forests (throughput, power) trained on a profile table, as in the "
+                               "PALS paper.")
+    profile_table: str | None = Field(
+        None, description="random_forest: the profile table CSV it is trained on (relative to the scenario's "
+                          "folder); its rows of each deployment's GPU, model, parallelism and workload style are "
+                          "used. None: each deployment is first profiled in the simulator over caps every "
+                          "profile_cap_step_w x batches 1, 2, 4, ... max_num_seqs.")
+    profile_cap_step_w: float = Field(50.0, gt=0, description="Cap spacing of the simulated profile (W).")
     params: dict[str, Any] = Field(
         default_factory=dict, description="Policy parameters: cap_step_w (25), kp (0.5), ki (0.2), kd (0), "
                                           "error_threshold (0.05), persist_periods (3), target_margin (0.10), "

@@ -167,3 +167,47 @@ class SimulatedModel(_MemoModel):
         sc = scenario_from_dict(data, "oracle probe", self.scenario.base_dir)
         t = run_scenario(sc).summary["totals"]
         return Prediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"])
+
+
+class RandomForestModel(_MemoModel):
+    """The PALS paper's offline model: random forests trained on measured (or simulated) operating points.
+
+    Two scikit-learn forests, one for throughput per GPU and one for power per GPU, over the features power
+    cap, log2 of the batch knob and the mean prompt and output lengths, trained on profile-table rows of one
+    deployment layout (``sim.profile.rows_for_deployment``). Throughput is learnt per GPU so that a table
+    measured on one replica predicts a deployment of several. Like any forest it does not extrapolate: a cap
+    or batch outside the table's range gets the nearest measured behaviour.
+    """
+
+    def __init__(self, rows: Any, num_gpus: int, prompt_tokens_mean: float, output_tokens_mean: float,
+                 seed: int = 0, n_estimators: int = 100) -> None:
+        super().__init__()
+        import numpy as np
+        from sklearn.ensemble import RandomForestRegressor
+
+        x = self.features(rows["power_cap_w"], rows["max_num_seqs"], rows["prompt_tokens_mean"],
+                          rows["output_tokens_mean"])
+        per_gpu = rows["throughput_tokens_per_s"].to_numpy(float) / rows["num_gpus"].to_numpy(float)
+        self.num_gpus = num_gpus
+        self.prompt = prompt_tokens_mean
+        self.output = output_tokens_mean
+        self.rows = len(rows)
+        self._throughput = RandomForestRegressor(n_estimators=n_estimators, random_state=seed, n_jobs=1)
+        self._power = RandomForestRegressor(n_estimators=n_estimators, random_state=seed + 1, n_jobs=1)
+        # Throughput spans orders of magnitude over the batch sizes: the forest learns its logarithm.
+        self._throughput.fit(x, np.log(per_gpu))
+        self._power.fit(x, rows["power_w_per_gpu"].to_numpy(float))
+
+    @staticmethod
+    def features(caps_w: Any, batches: Any, prompts: Any, outputs: Any) -> Any:
+        """The forests' input matrix: cap (W), log2(batch), mean prompt and output tokens."""
+        import numpy as np
+
+        return np.column_stack([np.asarray(caps_w, float), np.log2(np.asarray(batches, float)),
+                                np.asarray(prompts, float), np.asarray(outputs, float)])
+
+    def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
+        """The forests' average at this cap and batch knob."""
+        x = self.features([power_cap_w], [max_num_seqs], [self.prompt], [self.output])
+        tokens = math.exp(float(self._throughput.predict(x)[0])) * self.num_gpus
+        return Prediction(max(tokens, 1e-9), max(float(self._power.predict(x)[0]), 1e-9))

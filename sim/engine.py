@@ -56,6 +56,11 @@ class Engine:
         self.on_finish = on_finish
         self.on_drop = on_drop
         self.on_first_token: Callable[[Request], None] | None = None
+        # Token hook (None: off): ``on_tokens(requests, count)`` when each of ``requests`` has just sampled
+        # ``count`` output tokens, the last of them at ``env.now``. With iteration stepping it fires once per
+        # iteration (count 1), so every token is reported at its own instant; with event stepping the decode
+        # tokens of a stretch are reported together when it ends.
+        self.on_tokens: Callable[[list[Request], int], None] | None = None
         self._window = phys.model.sliding_window
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # running, prompt (or recompute) not fully in the cache; admission order
@@ -359,6 +364,8 @@ class Engine:
         assert s is not None
         if self.iteration_stepping:
             self._iter_done += 1
+            if self.on_tokens is not None and self._n_dec:
+                self.on_tokens(list(self.decoding.values()), 1)
             if self._iter_done < s.iterations and not self._replan:
                 it = self._iteration(self._iter_done)
                 self.ledger.begin(it)
@@ -373,6 +380,8 @@ class Engine:
         self.iterations += m
         finished: list[Request] = []
         if self._n_dec:
+            if self.on_tokens is not None and not self.iteration_stepping:
+                self.on_tokens(list(self.decoding.values()), m)
             self.G += m
             self.tokens_generated += self._n_dec * m
             heap = self._finish_heap
@@ -393,6 +402,8 @@ class Engine:
                         self.on_first_token(req)
                 req.generated += 1
                 self.tokens_generated += 1
+                if self.on_tokens is not None:
+                    self.on_tokens([req], 1)
                 if req.generated >= req.output_tokens:
                     finished.append(req)
                 else:

@@ -260,7 +260,7 @@ class SimPlant:
         if not self._stop.triggered:
             self._stop.succeed()
 
-    def _split(self, total_budget: float) -> Split:
+    def split(self, total_budget: float) -> Split:
         """Shares of a budget between the deployments. The need split follows each controller's feedback:
         a deployment whose PID finds its target harder to reach than its model predicted claims more."""
         deps = self.deployments
@@ -281,7 +281,7 @@ class SimPlant:
         period = self.scenario.control.period_s
         # Apply the initial action at t=0 (before any telemetry), as a real loop would on start-up.
         budget = self.budget.at(0.0)
-        for dep, share in zip(self.deployments, self._split(budget).shares_w, strict=True):
+        for dep, share in zip(self.deployments, self.split(budget).shares_w, strict=True):
             dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=budget, share=share,
                                                           next_share=share)))
         while True:
@@ -296,9 +296,9 @@ class SimPlant:
         if window <= 0:
             return
         budget = self.budget.at(self._last_sample_s)  # in force during the window just ended
-        split = self._split(budget)
+        split = self.split(budget)
         self.infeasible_windows += not split.feasible
-        upcoming = self._split(self.budget.at(now))  # in force from now on: what the controllers must respect
+        upcoming = self.split(self.budget.at(now))  # in force from now on: what the controllers must respect
         total_power = 0.0
         for i, dep in enumerate(self.deployments):
             obs = self._observe(dep, window, record=True, budget=budget, share=split.shares_w[i],

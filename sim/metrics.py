@@ -17,7 +17,8 @@ from sim.plant import RECORD_COLUMNS, TIMESERIES_COLUMNS, RunResult
 
 REQUEST_COLUMNS = ("deployment", "request_id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
                    "output_tokens", "generated_tokens", "preemptions", "status", "drop_reason")
-BUDGET_TOLERANCE = 1e-6  # relative: a window counts as a violation when power > budget·(1 + tolerance)
+BUDGET_TOLERANCE = 1e-3  # relative: a window counts as a violation when power > budget·(1 + tolerance); 0.1 % absorbs
+# the resolution of measured energy counters (NVML counts mJ) over short windows, and nothing a controller does
 
 
 def requests_frame(result: RunResult) -> pd.DataFrame:

@@ -53,7 +53,7 @@ def test_budget_violations_are_counted_against_the_budget_in_force(tmp_path):
     sc = load_scenario(ROOT / "scenarios" / "quickstart.yaml", ["duration_s=20", "power.budget_w=600"])
     out = run_scenario(sc)
     per_window = out.timeseries.groupby("time_s")["power_w"].sum()
-    expected = (per_window > 600).mean()
+    expected = (per_window > 600 * 1.001).mean()  # 0.1 % tolerance (sim.metrics.BUDGET_TOLERANCE)
     assert out.summary["totals"]["budget_violation_fraction"] == expected > 0.9
 
 

@@ -61,13 +61,13 @@ def hil_run(
             raise PalsError(f"--flush-every-s {flush_every_s:g}: expected a positive number of seconds")
         sc = load_scenario(scenario, overrides)
         endpoint = normalise_url(endpoint)
-        devices = open_gpus(gpus, endpoint)
-        cli.console.print(f"running {sc.name} ({sc.duration_s:g} s of scenario time, policy "
-                          f"{sc.control.policy}) on {len(devices.gpus)} GPU(s) via {endpoint}, speed-up "
-                          f"{devices.speedup:g}", highlight=False)
-        outcome = run_hil(sc, devices.gpus, endpoint, out, speedup=devices.speedup, guard=devices.guard,
-                          report=not no_report, flush_every_s=flush_every_s,
-                          log=lambda m: cli.err_console.print(m, highlight=False))
+        with open_gpus(gpus, endpoint) as devices:
+            cli.console.print(f"running {sc.name} ({sc.duration_s:g} s of scenario time, policy "
+                              f"{sc.control.policy}) on {len(devices.gpus)} GPU(s) via {endpoint}, speed-up "
+                              f"{devices.speedup:g}", highlight=False)
+            outcome = run_hil(sc, devices.gpus, endpoint, out, speedup=devices.speedup, guard=devices.guard,
+                              report=not no_report, flush_every_s=flush_every_s,
+                              log=lambda m: cli.err_console.print(m, highlight=False))
     except PalsError as exc:
         cli._fail(exc)
     except KeyboardInterrupt:  # Ctrl-C outside the run's own handling (start-up, final writing): the guard restored
@@ -133,9 +133,9 @@ def hil_profile(
             raise PalsError("--window-s must be positive and --warmup-s non-negative")
         spec = ProfileSpec.from_options(scenario, list(set_ or []), window_s, warmup_s)
         endpoint = normalise_url(endpoint)
-        devices = open_gpus(gpus, endpoint)
-        table = profile_node(spec, devices.gpus, endpoint, cap_list, batch_list, speedup=devices.speedup,
-                             guard=devices.guard, log=lambda m: cli.console.print(m, highlight=False))
+        with open_gpus(gpus, endpoint) as devices:
+            table = profile_node(spec, devices.gpus, endpoint, cap_list, batch_list, speedup=devices.speedup,
+                                 guard=devices.guard, log=lambda m: cli.console.print(m, highlight=False))
         write_table(table, out)
     except PalsError as exc:
         cli._fail(exc)

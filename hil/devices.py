@@ -23,6 +23,19 @@ class Devices:
     speedup: float  # scenario seconds per wall second (1 on real GPUs; the twin's --speedup)
     guard: Callable[[list[Gpu]], AbstractContextManager[Any]]
 
+    def __enter__(self) -> Devices:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every GPU handle (NVML's reference count, the twin's HTTP client)."""
+        for gpu in self.gpus:
+            close = getattr(gpu, "close", None)
+            if close is not None:
+                close()
+
 
 def parse_indices(spec: str) -> list[int]:
     """``"0,1,2,3"`` → ``[0, 1, 2, 3]``; raise ``DeviceSpecError`` on anything else."""

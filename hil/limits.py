@@ -46,6 +46,7 @@ class PowerLimitGuard:
         self.failures: list[tuple[int, str]] = []  # (gpu index, error) of every failed restore
         self._todo: list[tuple[Gpu, float]] = []  # (gpu, limit) still to restore
         self._previous: dict[int, Any] = {}
+        self._restored_by_signal = False
 
     # ----- context manager ------------------------------------------------------------------------------
     def __enter__(self) -> PowerLimitGuard:
@@ -57,10 +58,15 @@ class PowerLimitGuard:
 
     def __exit__(self, *_exc: object) -> None:
         try:
+            if self._restored_by_signal:
+                # Another thread of the program (a profiling sweep, say) may have set a cap after the
+                # handler restored the limits: set them back once more now that the block is over.
+                self._todo = list(zip(self.gpus, self.originals_w, strict=True))
             self.restore()
         finally:
             self._uninstall_handlers()
-            atexit.unregister(self.restore)
+            if self.restored:  # keep the interpreter-exit backstop while anything is left to restore
+                atexit.unregister(self.restore)
 
     # ----- restoring ------------------------------------------------------------------------------------
     def restore(self) -> list[tuple[int, str]]:
@@ -112,6 +118,7 @@ class PowerLimitGuard:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.warning("signal %d: restoring power limits", signum)
+        self._restored_by_signal = True
         self.restore()
         previous = self._previous.get(signum, signal.SIG_DFL)
         self._uninstall_handlers()

@@ -12,17 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import simpy
 
+from sim.plant import workload_rng
 from sim.scenario import Scenario
 from sim.workload import Request, RequestSource
-
-
-def workload_rng(scenario: Scenario, deployment_index: int) -> np.random.Generator:
-    """The random stream of a deployment's workload, exactly as ``SimPlant`` derives it."""
-    streams = np.random.SeedSequence(scenario.seed).spawn(len(scenario.deployments))
-    return np.random.default_rng(streams[deployment_index])
 
 
 class WorkloadReplay:

@@ -18,11 +18,13 @@ caller restores the power limits and writes what was recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,7 +394,13 @@ class HilPlant:
                                            request_timeout_s=self.request_timeout_s,
                                            on_first_token=self._first_token)
                 _, readings = await self._read_gpus(with_power=True)
-                await self._initial_action(readings)
+                try:
+                    await self._initial_action(readings)
+                except PalsError:
+                    raise
+                except Exception as exc:  # a user policy that raises: one message, not a traceback
+                    raise HilError(f"the controller failed on its first decision: {type(exc).__name__}: "
+                                   f"{exc}") from None
                 write_records(self.out_dir, self.snapshot(final=False), False)  # also warms up the writers
                 _, readings = await self._read_gpus()
                 self._energy0_j = [r.energy_j for r in readings]
@@ -490,6 +498,24 @@ class HilPlant:
         return self.build_snapshot(self.capture(final))
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs (main thread only), then deliver the first one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def run_hil(scenario: Scenario, gpus: list[Gpu], endpoint: str, out_dir: str | Path, *, speedup: float = 1.0,
             guard: Callable[[list[Gpu]], Any] | None = None, report: bool = True,
             flush_every_s: float = FLUSH_EVERY_S, log: Callable[[str], None] | None = None) -> HilOutcome:
@@ -501,7 +527,8 @@ def run_hil(scenario: Scenario, gpus: list[Gpu], endpoint: str, out_dir: str | P
         from hil.limits import restored_power_limits as guard
     with guard(gpus):
         snap = asyncio.run(plant.run())
-    write_records(Path(out_dir), snap, report)
+    with _signals_deferred():  # a second Ctrl-C must not leave the files half from the last flush
+        write_records(Path(out_dir), snap, report)
     if plant.failure is not None:
         raise HilError(f"the run stopped on an error: {type(plant.failure).__name__}: {plant.failure} (power limits "
                        f"restored; the records up to then are in {out_dir})")

@@ -52,15 +52,19 @@ class NvmlInvalidArgumentError(NvmlError):
     """NVML rejected an argument (e.g. a limit outside the constraints)."""
 
 
-PERMISSION_HINT = ("setting power limits needs root: run as root or grant it (e.g. `sudo nvidia-smi -pm 1` and run "
-                   "with sudo / CAP_SYS_ADMIN)")
+PERMISSION_HINT = ("setting power limits needs root: run as root (e.g. `sudo -E .venv/bin/pals hil ...`) or grant "
+                   "the process CAP_SYS_ADMIN")
 
 
 def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
     """Our exception for an NVML error raised while doing ``what``."""
     code = getattr(exc, "value", None)
+    if code == pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH:
+        return NvmlUnavailableError(f"{what}: the NVML library and the loaded NVIDIA kernel driver differ in version "
+                                    f"({exc}): a driver was upgraded without reloading it; reboot or reload the "
+                                    "nvidia kernel modules")
     if code in (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
-                pynvml.NVML_ERROR_FUNCTION_NOT_FOUND, pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH):
+                pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
         return NvmlUnavailableError(f"{what}: NVML is not available ({exc}): no NVIDIA driver / NVML library found "
                                     "on this machine (install the driver, or use the digital twin: `pals twin`)")
     if code == pynvml.NVML_ERROR_NO_PERMISSION:
@@ -162,11 +166,6 @@ class NvmlGpu:
     def get_power_limit_w(self) -> float:
         """The power management limit (nvmlDeviceGetPowerManagementLimit)."""
         return self._call("nvmlDeviceGetPowerManagementLimit", pynvml.nvmlDeviceGetPowerManagementLimit,
-                          self._handle) / 1000.0
-
-    def get_enforced_power_limit_w(self) -> float:
-        """The limit the device enforces (the lowest of all limits in force)."""
-        return self._call("nvmlDeviceGetEnforcedPowerLimit", pynvml.nvmlDeviceGetEnforcedPowerLimit,
                           self._handle) / 1000.0
 
     def get_power_limit_range_w(self) -> tuple[float, float]:

@@ -61,28 +61,25 @@ Shutdown (SIGINT/SIGTERM): requests in flight end at once, non-streaming ones wi
 ``{"error": {...}}``, streams with an error chunk (``code`` 503) and ``data: [DONE]``. A client that
 disconnects does not abort its request: it runs on in the simulation (holding its batch slot) to the end.
 
-Start it with ``pals twin SCENARIO [--host 127.0.0.1] [--port 8000] [--speedup 1.0] [--set a.b=v]``, or in
-process with ``running_twin(scenario, speedup)`` (a context manager yielding the base URL).
+Start it with ``pals twin SCENARIO [--host 127.0.0.1] [--port 8000] [--speedup 1.0] [--set a.b=v]``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import math
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from hil.twin_sim import DeviceReading, Event, TwinRequestError, TwinSim
+from hil.twin_sim import DeviceReading, Event, TwinRequestError, TwinSim, deliver_inline
 from sim.gpu import GpuError
 from sim.scenario import Scenario
 
@@ -203,6 +200,10 @@ class _QueueSink:
         """The engine dropped the request."""
         self.queue.put_nowait(("error", message))
 
+    def fail(self, message: str) -> None:
+        """The simulation failed: end the response with a server error."""
+        self.queue.put_nowait(("failed", message))
+
     def abort(self, message: str) -> None:
         """The server is shutting down: end the response now."""
         self.queue.put_nowait(("abort", message))
@@ -261,7 +262,7 @@ class TwinServer:
         loop = asyncio.get_running_loop()
 
         def deliver(batch: list[Event]) -> None:
-            loop.call_soon_threadsafe(_dispatch, batch)
+            loop.call_soon_threadsafe(deliver_inline, batch)
 
         self.sim.deliver = deliver
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=5.0)
@@ -309,7 +310,7 @@ class TwinServer:
             raw = await request.text()
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, LookupError) as exc:  # LookupError: bad charset
                 raise BadRequest(f"invalid JSON body: {exc}") from None
             req = parse_completion(body, self.model_name)
             self.sim.check_request(req.prompt_tokens, req.max_tokens)
@@ -342,6 +343,8 @@ class TwinServer:
                 break
             elif kind == "abort":
                 return error_response(str(value), 503, "service_unavailable")
+            elif kind == "failed":
+                return error_response(str(value), 500, "internal_error")
             else:
                 return error_response(f"the engine dropped the request: {value}")
         return web.json_response({
@@ -370,10 +373,10 @@ class TwinServer:
                 elif kind == "finish":
                     break
                 else:
-                    message = str(value) if kind == "abort" else f"the engine dropped the request: {value}"
-                    code = 503 if kind == "abort" else 400
-                    await _send(resp, {"error": {"message": message, "type": "invalid_request_error"
-                                                 if code == 400 else "service_unavailable", "code": code}})
+                    message = f"the engine dropped the request: {value}" if kind == "error" else str(value)
+                    code, kind_name = {"abort": (503, "service_unavailable"),
+                                       "failed": (500, "internal_error")}.get(kind, (400, "invalid_request_error"))
+                    await _send(resp, {"error": {"message": message, "type": kind_name, "code": code}})
                     break
             if req.include_usage:
                 await _send(resp, {"id": rid, "object": "text_completion", "created": created,
@@ -393,7 +396,7 @@ class TwinServer:
 
     def _index(self, request: web.Request) -> int:
         text = request.match_info["index"]
-        if not text.isdigit() or not 0 <= int(text) < len(self.sim.gpus):
+        if not (text.isascii() and text.isdigit()) or not 0 <= int(text) < len(self.sim.gpus):
             raise BadRequest(f"no GPU {text!r}: the twin has {len(self.sim.gpus)} "
                              f"(indices 0-{len(self.sim.gpus) - 1})", status=404, kind="not_found")
         return int(text)
@@ -412,7 +415,7 @@ class TwinServer:
             index = self._index(request)
             try:
                 body = json.loads(await request.text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, LookupError) as exc:  # LookupError: bad charset
                 raise BadRequest(f"invalid JSON body: {exc}") from None
             if not isinstance(body, dict) or "power_limit_mw" not in body:
                 raise BadRequest('expected a JSON object {"power_limit_mw": int}')
@@ -441,17 +444,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 async def _send(resp: web.StreamResponse, payload: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
-
-
-def _dispatch(batch: list[Event]) -> None:
-    """Deliver simulation events to their request queues (runs on the server's event loop)."""
-    for sink, kind, value in batch:
-        if kind == "token":
-            sink.token(float(value))
-        elif kind == "finish":
-            sink.finish(float(value))
-        else:
-            sink.error(str(value))
 
 
 @web.middleware
@@ -491,40 +483,3 @@ def serve(scenario: Scenario, host: str = "127.0.0.1", port: int = 8000, speedup
             await server.close()
 
     asyncio.run(main())
-
-
-@contextlib.contextmanager
-def running_twin(scenario: Scenario, speedup: float = 1.0, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run a twin on a background thread (its own event loop); yield its base URL; stop it on exit."""
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        state["loop"] = loop
-        server = TwinServer(scenario, speedup, host, port)
-        state["server"] = server
-        try:
-            state["url"] = loop.run_until_complete(server.start())
-        except BaseException as exc:
-            state["error"] = exc
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(server.close())
-            loop.close()
-
-    thread = threading.Thread(target=run, name="pals-twin-server", daemon=True)
-    thread.start()
-    ready.wait()
-    if "error" in state:
-        raise state["error"]
-    try:
-        yield state["url"]
-    finally:
-        state["loop"].call_soon_threadsafe(state["loop"].stop)
-        thread.join(timeout=10.0)

@@ -62,6 +62,9 @@ class TokenSink(Protocol):
     def error(self, message: str) -> None:
         """The engine dropped the request."""
 
+    def fail(self, message: str) -> None:
+        """The simulation itself failed: the request can never finish."""
+
 
 @dataclass(frozen=True)
 class DeviceReading:
@@ -153,7 +156,7 @@ class TwinSim:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = clock()
-        self.deliver: Callable[[list[Event]], None] = _deliver_inline
+        self.deliver: Callable[[list[Event]], None] = deliver_inline
         self.failure: BaseException | None = None
 
     # ----- clock ------------------------------------------------------------------------------------------
@@ -182,6 +185,11 @@ class TwinSim:
         except BaseException as exc:  # a bug in the simulation: stop serving, say why
             self.failure = exc
             log.exception("twin simulation failed")
+            # Requests in flight would wait forever: end each with the reason.
+            self._pending.extend((sink, "failed", f"the twin's simulation failed: {exc!r}")
+                                 for sink in self._sinks.values())
+            self._sinks.clear()
+            self._flush()
             raise
 
     def _flush(self) -> None:
@@ -223,7 +231,10 @@ class TwinSim:
                     self._advance_locked()
                     self._flush()
                     next_s = self.env.peek()
-            except BaseException:  # already logged and recorded in self.failure
+            except BaseException as exc:  # a simulation failure is already recorded; anything else is now
+                if self.failure is None:
+                    self.failure = exc
+                    log.exception("twin simulation thread failed")
                 return
             # Sleep until the wall instant of the next event (arrivals and cap changes wake the thread early).
             wait_s = MAX_SLEEP_S
@@ -342,12 +353,15 @@ class TwinSim:
         return reading
 
 
-def _deliver_inline(batch: list[Event]) -> None:
-    """Default delivery: call the sinks on the simulation's thread."""
+def deliver_inline(batch: list[Event]) -> None:
+    """Hand simulation events to their sinks on the calling thread (the default: the simulation's own; the
+    server calls it on its event loop)."""
     for sink, kind, value in batch:
         if kind == "token":
             sink.token(float(value))
         elif kind == "finish":
             sink.finish(float(value))
+        elif kind == "failed":
+            sink.fail(str(value))
         else:
             sink.error(str(value))

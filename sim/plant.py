@@ -27,6 +27,13 @@ from sim.scenario import DeploymentConfig, Scenario, StaticBatchesWorkload
 from sim.workload import Request, RequestSource, token_means
 
 
+def workload_rng(scenario: Scenario, deployment_index: int) -> np.random.Generator:
+    """The random stream of a deployment's workload: one child of the scenario's seed per deployment (the
+    hardware loop's load generator draws the same requests from it)."""
+    streams = np.random.SeedSequence(scenario.seed).spawn(len(scenario.deployments))
+    return np.random.default_rng(streams[deployment_index])
+
+
 def resolve_target(cfg: DeploymentConfig, model: PhysicsModel, max_cap_w: float) -> float:
     """A deployment's throughput target in tokens/s (nan: none)."""
     t = cfg.throughput_target
@@ -235,11 +242,10 @@ class SimPlant:
         self.control_ticks = 0
         self.budget = load_budget(scenario)
         self._stop = self.env.event()
-        streams = np.random.SeedSequence(scenario.seed).spawn(len(scenario.deployments))
         self.deployments: list[DeploymentRuntime] = []
         gpu_index = 0
         for i, dep in enumerate(scenario.deployments):
-            rt = DeploymentRuntime(self, i, dep, np.random.default_rng(streams[i]), gpu_index)
+            rt = DeploymentRuntime(self, i, dep, workload_rng(scenario, i), gpu_index)
             gpu_index += len(rt.gpus)
             self.deployments.append(rt)
         self.total_gpus = gpu_index

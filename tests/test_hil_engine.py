@@ -58,9 +58,9 @@ async def with_server(completions: Handler, models: Handler, body: Callable[[str
     app.router.add_post("/v1/completions", completions)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", 0)  # port 0: the system picks a free one, no race
     await site.start()
+    port = runner.addresses[0][1]
     try:
         await body(f"http://127.0.0.1:{port}")
     finally:

@@ -262,7 +262,7 @@ class _GarbageServer:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.port = free_port()
+        self.port = 0  # the system picks a free one when the site starts
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -286,7 +286,8 @@ class _GarbageServer:
         app.router.add_post("/v1/completions", self._completions)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", 0).start())
+        self.port = self.runner.addresses[0][1]
         self.ready.set()
         self.loop.run_forever()
 
@@ -417,6 +418,23 @@ def test_a_failing_policy_stops_the_run_and_keeps_the_records(twin: str, scenari
     ts = pd.read_parquet(tmp_path / "x" / "timeseries.parquet")
     assert len(ts) >= 3 and (ts["power_cap_w"].iloc[1:] == 250.0).all() and (ts["max_num_seqs"] == 8).all()
     assert summary["totals"]["duration_s"] < 10
+
+
+class BrokenPolicy(ExplodingPolicy):
+    """A user policy that raises on its very first decision (before any window)."""
+
+    def decide(self, obs: Observation) -> Action:
+        """Always raises."""
+        raise RuntimeError("policy bug at t=0")
+
+
+def test_a_policy_failing_at_once_is_one_error_line(twin: str, scenario_path: Path, tmp_path: Path) -> None:
+    res = pals("hil", "run", scenario_path, "--set", "control.policy=tests.test_hil_loop:BrokenPolicy",
+               "--endpoint", twin, "--gpus", "twin", "--out", tmp_path / "b")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+    assert "failed on its first decision" in res.stderr and "policy bug at t=0" in res.stderr
+    assert [d["power_limit_mw"] for d in devices(twin)] == [DEFAULT_LIMIT_MW]
 
 
 def test_a_user_policy_runs_unchanged_on_the_twin(twin: str, scenario_path: Path, tmp_path: Path) -> None:

@@ -79,7 +79,6 @@ def test_units_are_converted_at_the_boundary(fake_nvml: dict[str, mock.MagicMock
         assert gpu.get_power_w() == 312.345  # mW -> W
         assert gpu.get_total_energy_j() == 98_765.432  # mJ -> J
         assert gpu.get_power_limit_w() == 700.0
-        assert gpu.get_enforced_power_limit_w() == 700.0
         assert gpu.get_power_limit_range_w() == (200.0, 700.0)
         assert gpu.get_default_power_limit_w() == 700.0
         assert gpu.get_sm_clock_mhz() == 1980.0
@@ -127,10 +126,11 @@ def test_average_power_from_the_energy_counter(fake_nvml: dict[str, mock.MagicMo
 
 @pytest.mark.parametrize(("code", "error", "words"), [
     (pynvml.NVML_ERROR_NO_PERMISSION, NvmlPermissionError,
-     "setting power limits needs root: run as root or grant it (e.g. `sudo nvidia-smi -pm 1` and run with sudo / "
-     "CAP_SYS_ADMIN)"),
+     "setting power limits needs root: run as root (e.g. `sudo -E .venv/bin/pals hil ...`) or grant the process "
+     "CAP_SYS_ADMIN"),
     (pynvml.NVML_ERROR_NOT_SUPPORTED, NvmlNotSupportedError, "not supported"),
     (pynvml.NVML_ERROR_GPU_IS_LOST, NvmlGpuLostError, "the GPU is lost"),
+    (pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, NvmlUnavailableError, "reboot or reload the nvidia kernel modules"),
 ])
 def test_nvml_errors_are_translated(fake_nvml: dict[str, mock.MagicMock], code: int, error: type,
                                     words: str) -> None:

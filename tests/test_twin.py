@@ -184,6 +184,19 @@ def test_non_streaming_completion(twin: Twin) -> None:
 
 def test_streaming_tokens_follow_the_decode_step_time(twin: Twin, phys: ReplicaPhysics) -> None:
     prompt, n = 1000, 60
+    # A busy machine can deschedule the twin or this test for tens of ms: the pacing must hold in one of
+    # three tries (a twin that paces wrongly fails all three).
+    failures = []
+    for _ in range(3):
+        try:
+            _check_stream_pacing(twin, phys, prompt, n)
+            return
+        except AssertionError as exc:
+            failures.append(str(exc))
+    raise AssertionError("; ".join(failures))
+
+
+def _check_stream_pacing(twin: Twin, phys: ReplicaPhysics, prompt: int, n: int) -> None:
     _, times, chunks = stream(twin.client, {"prompt": "w " * prompt, "max_tokens": n,
                                             "stream_options": {"include_usage": True}})
     token_chunks = [c for c in chunks if c.get("choices")]
@@ -219,10 +232,10 @@ def test_ttft_of_a_lone_request_is_the_prefill_time(twin: Twin, phys: ReplicaPhy
             tries.append(times[0] - t0)
         # The arrival is stamped when the server reads the request, so no first token comes sooner than the
         # prefill; HTTP parsing and the hand-offs add a few ms on loopback. The best of three tries filters out
-        # a descheduled moment on a busy machine: within 25 ms.
+        # a descheduled moment on a busy machine: within 40 ms.
         assert min(tries) >= expected_wall * 0.97
         ttft[prompt] = min(tries)
-        assert ttft[prompt] <= expected_wall + 0.025
+        assert ttft[prompt] <= expected_wall + 0.040
     # The HTTP overheads cancel in the difference: it is the difference of the prefill times (~1.8 s
     # simulated, ~90 ms wall), within 15 %.
     expected = prefill_time_s(phys, 3900, 400.0) - prefill_time_s(phys, 100, 400.0)
@@ -243,9 +256,10 @@ def test_concurrent_requests_all_finish(twin: Twin, phys: ReplicaPhysics) -> Non
     assert [b["usage"] for b in bodies] == [
         {"prompt_tokens": prompt + i, "completion_tokens": max_tokens, "total_tokens": prompt + i + max_tokens}
         for i in range(n)]
-    # 12 requests over 2 replicas x 4 sequences: batched, so far faster than one after another.
+    # 12 requests over 2 replicas x 4 sequences: batched (about two rounds, a fifth of the serial time when
+    # nothing else runs), so clearly faster than one after another even on a busy machine.
     one_s = prefill_time_s(phys, prompt, 400.0) + decode_time_s(phys, prompt, max_tokens, 400.0)
-    assert wall_s * SPEEDUP < 0.6 * n * one_s
+    assert wall_s * SPEEDUP < 0.85 * n * one_s
 
 
 @pytest.mark.parametrize(("body", "reason"), [
@@ -458,6 +472,9 @@ class Recorder:
     def error(self, message: str) -> None:
         self.errors.append(message)
 
+    def fail(self, message: str) -> None:
+        self.errors.append(f"failed: {message}")
+
 
 @pytest.mark.parametrize("stepping", ["iteration", "event"])
 def test_engine_token_hook_reports_every_token(stepping: str) -> None:
@@ -513,3 +530,26 @@ def test_every_request_gets_max_tokens_under_preemption() -> None:
     for s in sinks:
         assert len(s.times) == 400
         assert s.times == sorted(s.times) and s.finished_s == s.times[-1]
+
+
+def test_a_failing_simulation_ends_the_requests_in_flight() -> None:
+    """A bug inside the simulation must not leave clients waiting forever: every request in flight is told,
+    and later calls say the simulation stopped."""
+    sc = tiny({"kind": "poisson", "rate_per_s": 1, "prompt_tokens": 10, "output_tokens": 10}, model=MODEL, gpu=GPU,
+              engine={"max_model_len": MAX_MODEL_LEN})
+    sim = TwinSim(sc, speedup=1.0, clock=lambda: 0.0)  # a frozen clock: nothing runs until we say so
+    sinks = [Recorder() for _ in range(3)]
+    for s in sinks:
+        sim.submit(100, 50, s)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    sim.env.run = broken  # type: ignore[method-assign]
+    sim._t0 = -1.0  # the wall clock is now 1 s past the start: the next advance runs the (broken) simulation
+    with pytest.raises(RuntimeError, match="boom"):
+        sim.advance()
+    for s in sinks:
+        assert s.finished_s < 0 and len(s.errors) == 1 and "boom" in s.errors[0] and s.errors[0].startswith("failed")
+    with pytest.raises(RuntimeError, match="simulation stopped"):
+        sim.advance()

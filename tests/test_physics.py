@@ -77,6 +77,37 @@ def test_lower_cap_means_lower_clock():
             assert phys.step_power_w(work, f) == pytest.approx(cap, rel=1e-3)  # the governor uses the headroom
 
 
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.integers(1, 16384), decode=st.integers(1, 256), k=st.integers(1, 2000),
+       growth=st.floats(0.0, 1e-5), gpu=st.sampled_from(["a100-sxm4-80gb", "h100-sxm"]),
+       cap_share=st.floats(0.0, 1.0))
+def test_governor_finds_the_highest_clock_within_the_cap(tokens, decode, k, growth, gpu, cap_share):
+    """The governor's clock search against plain bisection: the clock it returns keeps every iteration of the
+    stretch within the cap and is the highest such clock to 1e-5 of the clock range, 0.02 MHz (bisection runs
+    60 halvings; the search may stop a milliwatt below the cap, where the power curve is flattest)."""
+    spec = GPUS[gpu]
+    phys = ReplicaPhysics(load_model("mixtral-8x7b"), spec, Parallelism(tensor=2))
+    w0 = phys.step_work(tokens, min(decode, tokens), decode, tokens * 300.0, tokens * 300.0)
+    cap = spec.power_limit_min_w + cap_share * (spec.power_limit_max_w - spec.power_limit_min_w)
+    f = phys.clock_for_stretch(w0, w0.compute_s * growth, w0.memory_s * growth, k, cap)
+    lo, hi = spec.min_clock_fraction, 1.0
+
+    def peak(x: float) -> float:
+        return phys.stretch_peak_power_w(w0, w0.compute_s * growth, w0.memory_s * growth, k, x)
+
+    if peak(hi) <= cap:
+        assert f == 1.0
+        return
+    if peak(lo) > cap:
+        assert f == lo  # nothing fits: the lowest clock
+        return
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if peak(mid) <= cap else (lo, mid)
+    assert peak(f) <= cap
+    assert f == pytest.approx(lo, abs=1e-5)
+
+
 @pytest.mark.parametrize("gpu", sorted(GPUS))
 def test_every_cap_in_range_is_satisfiable(gpu):
     # At the lowest clock, with compute and memory both saturated, a GPU must fit under its lowest limit.

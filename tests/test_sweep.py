@@ -3,9 +3,12 @@ runs, SIGKILL + --resume, and results identical to running each scenario on its 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,9 +22,10 @@ import yaml
 
 from sim.run import run_scenario
 from sim.scenario import load_scenario
-from sim.sweep.execute import dask_client, run_sweep
-from sim.sweep.expand import load_sweep
-from sim.sweep.results import METRIC_COLUMNS
+from sim.sweep import results as results_module
+from sim.sweep.execute import _sigint_ignored, dask_client, run_sweep
+from sim.sweep.expand import load_sweep, scenario_key
+from sim.sweep.results import METRIC_COLUMNS, RESULTS_FILE, ResultsTable
 from sim.sweep.spec import SweepError
 
 PALS = Path(sys.executable).with_name("pals")
@@ -55,6 +59,25 @@ FAILING_POLICY = textwrap.dedent('''
             return Action((700.0,) * self.n, 64)
 ''')
 
+# A user policy whose process dies in decide() (as a crash or the OOM killer would end it): the worker dies.
+DYING_POLICY = textwrap.dedent('''
+    import os
+
+    from sim.control import Action
+
+
+    class Die:
+        def __init__(self, ctx):
+            self.n = ctx.num_gpus
+            self.calls = 0
+
+        def decide(self, obs):
+            self.calls += 1
+            if self.calls == 4:
+                os._exit(1)
+            return Action((700.0,) * self.n, 64)
+''')
+
 
 def write_sweep(folder: Path, spec: dict, base: dict | None = None) -> Path:
     """The base scenario as base.yaml and the spec as sweep.yaml in ``folder``; returns the spec path."""
@@ -67,9 +90,10 @@ def write_sweep(folder: Path, spec: dict, base: dict | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    """A folder holding the failing policy module, importable by this process and by spawned Dask workers."""
+    """A folder holding the failing policy modules, importable by this process and by spawned Dask workers."""
     folder = tmp_path_factory.mktemp("policies")
     (folder / "sweep_boom_policy.py").write_text(FAILING_POLICY)
+    (folder / "sweep_die_policy.py").write_text(DYING_POLICY)
     sys.path.insert(0, str(folder))
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), *([old] if old else [])])
@@ -170,6 +194,9 @@ def test_derived_budget_values_are_exact(tmp_path):
      "base scenario"),
     ({"grid": {"f": [0.5, 0]}, "derived": {"power.budget_w": {"fraction_of_peak": "f"}}},
      "sweep.yaml: run 1 (f=0, seed=0): derived.power.budget_w: fraction_of_peak needs a positive number, got 0"),
+    ({"derived": {"deployments.5.replicas": {"fraction_of_peak": 0.5}}},
+     "sweep.yaml: run 0 (seed=0): derived.deployments.5.replicas: not a field path of the base scenario "
+     "(deployments.5 is not an index of a list of 1)"),
 ])
 def test_bad_spec_is_reported_with_file_and_field(tmp_path, spec, message):
     with pytest.raises(SweepError) as err:
@@ -196,6 +223,96 @@ def test_cli_bad_spec_one_line_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing ran, nothing written
 
 
+def test_invalid_yaml_base_is_one_line_with_line_and_column(tmp_path):
+    spec = write_sweep(tmp_path, {})
+    (tmp_path / "base.yaml").write_text("name: x\ndeployments: [\n")
+    with pytest.raises(SweepError) as err:
+        load_sweep(spec)
+    text = str(err.value)
+    assert "\n" not in text and "<unicode string>" not in text
+    assert text.startswith(f"{spec}: base: {tmp_path / 'base.yaml'}: line 3, column 1: invalid YAML: ")
+
+
+def test_overrides_column_splits_back_into_set_arguments(tmp_path):
+    # A mapping value (a token-length distribution) and a string with a space: each override must stay one
+    # argument when the column is split like a shell command line.
+    lognormal = {"dist": "lognormal", "median": 500, "sigma": 0.5, "max": 4096}
+    spec = write_sweep(tmp_path, {"grid": {"deployments.0.workload.prompt_tokens": [512, lognormal],
+                                           "name": ["sweep tiny"]}})
+    sweep = load_sweep(spec)
+    table = ResultsTable(sweep, tmp_path / RESULTS_FILE)
+    for run in sweep.runs:
+        table.record(run, {"status": "ok", "error": "", "wall_s": 0.1, "totals": None})
+    df = pd.read_parquet(tmp_path / RESULTS_FILE)
+    for run, text in zip(sweep.runs, df["overrides"], strict=True):
+        args = shlex.split(text)
+        assert args == list(run.overrides)
+        assert scenario_key(load_scenario(tmp_path / "base.yaml", args)) == run.key
+
+
+def test_zero_workers_refused():
+    with pytest.raises(SweepError, match="--workers 0: expected at least 1"), dask_client(workers=0):
+        pass
+
+
+def test_sigint_ignored_while_the_cluster_starts_then_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with _sigint_ignored():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+# ----- a sweep folder, without a cluster ------------------------------------------------------------------
+def record_all(spec: Path, out: Path) -> None:
+    """Record every run of ``spec`` in ``out/results.parquet`` with made-up metrics, as if the sweep had run."""
+    sweep = load_sweep(spec)
+    out.mkdir(parents=True)
+    table = ResultsTable(sweep, out / RESULTS_FILE)
+    for run in sweep.runs:
+        table.record(run, {"status": "ok", "error": "", "wall_s": 0.1,
+                           "totals": dict.fromkeys(METRIC_COLUMNS, float(run.index + 1))})
+
+
+def test_report_with_null_budget_values(tmp_path):
+    # power.budget_w: [null, 1000] is no budget axis (not all numbers): no heatmap, but a report, not a crash.
+    spec = write_sweep(tmp_path, {"grid": {"control.policy": ["static", "pals"], "power.budget_w": [None, 1000]}})
+    assert load_sweep(spec).budget_axis is None
+    out = tmp_path / "out"
+    record_all(spec, out)
+    result = run_sweep(spec, out, resume=True)  # every run recorded: no cluster needed
+    assert (result.total, result.ok, result.skipped) == (4, 4, 4)
+    assert "Pareto front" in (out / "report.html").read_text()
+
+
+def test_report_failure_is_one_error_and_keeps_the_results(tmp_path, monkeypatch):
+    spec = write_sweep(tmp_path, {"seeds": [1, 2]})
+    out = tmp_path / "out"
+    record_all(spec, out)
+
+    def broken(*_args: object) -> str:
+        raise ValueError("bad figure")
+
+    monkeypatch.setattr("sim.sweep.report.sweep_report", broken)
+    with pytest.raises(SweepError) as err:
+        run_sweep(spec, out, resume=True)
+    assert str(err.value) == (f"{out / 'report.html'}: cannot make the report (ValueError: bad figure); the "
+                              f"results are in {out / RESULTS_FILE}")
+    assert len(pd.read_parquet(out / RESULTS_FILE)) == 2
+
+
+def test_second_sweep_on_the_same_folder_is_refused(tmp_path):
+    spec = write_sweep(tmp_path, {"seeds": [1, 2]})
+    out = tmp_path / "out"
+    record_all(spec, out)
+    with open(out / ".lock", "a") as held:  # as a sweep running in the folder holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SweepError, match="another pals sweep is running in this folder"):
+            run_sweep(spec, out, resume=True)
+    run_sweep(spec, out, resume=True)  # released: goes on
+    with open(out / ".lock", "a") as fh:  # and a finished sweep released it
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 # ----- running on Dask ----------------------------------------------------------------------------------
 def test_sweep_on_local_cluster_records_failures_and_matches_single_runs(tmp_path, client, policy_dir):
     spec = write_sweep(tmp_path, {
@@ -220,7 +337,7 @@ def test_sweep_on_local_cluster_records_failures_and_matches_single_runs(tmp_pat
     assert (ok["error"] == "").all() and (ok["wall_s"] > 0).all()
     # Every ok row equals the same resolved scenario run on its own, loaded like `pals run BASE --set ...`.
     for row in ok.itertuples():
-        sc = load_scenario(tmp_path / "base.yaml", row.overrides.split(" "))
+        sc = load_scenario(tmp_path / "base.yaml", shlex.split(row.overrides))
         totals = run_scenario(sc).summary["totals"]
         for c in METRIC_COLUMNS:
             want, got = float(totals[c]), getattr(row, c)
@@ -228,7 +345,7 @@ def test_sweep_on_local_cluster_records_failures_and_matches_single_runs(tmp_pat
     # And the first ok run through the `pals run` command itself: the same totals in its summary.json.
     first = ok.iloc[0]
     cmd = [str(PALS), "run", str(tmp_path / "base.yaml"), "--no-report", "--out", str(tmp_path / "single")]
-    for o in first["overrides"].split(" "):
+    for o in shlex.split(first["overrides"]):
         cmd += ["--set", o]
     subprocess.run(cmd, check=True, capture_output=True)
     totals = json.loads((tmp_path / "single" / "summary.json").read_text())["totals"]
@@ -240,6 +357,94 @@ def test_sweep_on_local_cluster_records_failures_and_matches_single_runs(tmp_pat
     report = (out / "report.html").read_text()
     assert "Pareto front" in report and "Failed runs" in report and "boom in decide" in report
     assert "<script src=\"http" not in report  # plotly inlined: the page works offline
+
+
+def test_local_cluster_workers_ignore_sigint(client):
+    # Ctrl-C reaches the driver alone (it cancels the runs and closes the cluster), not every worker.
+    assert all(client.run(lambda: signal.getsignal(signal.SIGINT) == signal.SIG_IGN).values())
+
+
+def test_a_run_killing_its_worker_fails_alone(tmp_path, client, policy_dir):
+    # The dying runs kill their workers (Dask retries each on new ones, then gives up); results of other runs
+    # held by a worker that died are recomputed, never recorded as failed.
+    spec = write_sweep(tmp_path, {"grid": {"control.policy": ["static", "sweep_die_policy:Die"]},
+                                  "seeds": [1, 2]}, {**BASE, "duration_s": 5})
+    out = tmp_path / "out"
+    result = run_sweep(spec, out, client=client)
+    df = pd.read_parquet(out / RESULTS_FILE)
+    assert list(zip(df["policy"], df["status"], strict=True)) == [("static", "ok")] * 2 + [
+        ("sweep_die_policy:Die", "failed")] * 2, df[["policy", "status", "error"]]
+    assert all(e.startswith("worker process died: ") for e in df["error"][2:])
+    assert (result.ok, result.failed) == (2, 2)
+
+
+def test_resume_takes_indices_and_parameters_from_the_current_spec(tmp_path, client):
+    base = {**BASE, "duration_s": 5}
+    out = tmp_path / "out"
+    spec = write_sweep(tmp_path, {"seeds": [1, 2, 3]}, base)
+    run_sweep(spec, out, client=client)
+    before = pd.read_parquet(out / RESULTS_FILE).set_index("seed")
+    # (a) A seed added in front: the recorded runs move to indices 1-3, as in sweep.json.
+    spec = write_sweep(tmp_path, {"seeds": [4, 1, 2, 3]}, base)
+    result = run_sweep(spec, out, resume=True, client=client)
+    assert (result.total, result.skipped, result.ok) == (4, 3, 4)
+    df = pd.read_parquet(out / RESULTS_FILE)
+    expansion = json.loads((out / "sweep.json").read_text())["expansion"]
+    assert list(df["run_index"]) == [0, 1, 2, 3] and list(df["seed"]) == [4, 1, 2, 3]
+    assert list(df["run_key"]) == [e["run_key"] for e in expansion]
+    kept = df.set_index("seed").loc[[1, 2, 3]]
+    pd.testing.assert_series_equal(kept["throughput_tokens_per_s"], before["throughput_tokens_per_s"])
+    pd.testing.assert_series_equal(kept["wall_s"], before["wall_s"])
+    # (b) A grid key added at the base's value (2 replicas: the same scenarios) and a new value: the new column
+    # is filled in for the recorded runs too, and every row is written.
+    spec = write_sweep(tmp_path, {"grid": {"deployments.0.replicas": [2, 1]}, "seeds": [4, 1, 2, 3]}, base)
+    result = run_sweep(spec, out, resume=True, client=client)
+    assert (result.total, result.skipped, result.ok) == (8, 4, 8)
+    df = pd.read_parquet(out / RESULTS_FILE)
+    assert list(df["run_index"]) == list(range(8))
+    assert list(df["deployments.0.replicas"]) == [2, 2, 2, 2, 1, 1, 1, 1]
+    assert df["deployments.0.replicas"].dtype == "int64"
+    assert shlex.split(df["overrides"][1]) == ["deployments.0.replicas=2", "seed=1"]
+
+
+def test_results_write_error_is_reported_as_such(tmp_path, client, monkeypatch):
+    spec = write_sweep(tmp_path, {}, {**BASE, "duration_s": 5})
+    out = tmp_path / "out"
+
+    def full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results_module, "write_parquet_durable", full)
+    with pytest.raises(SweepError) as err:
+        run_sweep(spec, out, client=client)
+    assert str(err.value).startswith(f"{out / RESULTS_FILE}: cannot write (No space left on device)")
+
+
+@pytest.mark.parametrize("cut", ["connection", "client"])
+def test_losing_the_scheduler_is_one_error_and_keeps_finished_runs(tmp_path, cut):
+    # After the first run: the connection to the scheduler drops (the client reconnects, its tasks are
+    # cancelled), or the client closes (as it does when it cannot reconnect). Either way: one error, and the
+    # runs cut off are not recorded (as failed or otherwise), so --resume runs them.
+    from distributed import Client, LocalCluster
+
+    spec = write_sweep(tmp_path, {"seeds": [1, 2, 3, 4, 5, 6]}, {**BASE, "duration_s": 60})
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as c:
+
+        def cut_after_one_run(done: int, _failed: int, _running: int, _total: int) -> None:
+            if done >= 1 and c.status == "running":
+                if cut == "connection":
+                    c.sync(c.scheduler_comm.comm.close)
+                else:
+                    c.close()
+
+        with pytest.raises(SweepError) as err:
+            run_sweep(spec, out, client=c, progress=cut_after_one_run)
+    assert str(err.value).startswith("lost the Dask cluster after ")
+    assert str(err.value).endswith(f"finished runs are in {out / RESULTS_FILE}: rerun with --resume")
+    df = pd.read_parquet(out / RESULTS_FILE)
+    assert 1 <= len(df) < 6 and (df["status"] == "ok").all()
 
 
 def _rows(path: Path) -> int:
@@ -257,11 +462,14 @@ def test_sigkill_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
     cmd = [str(PALS), "sweep", str(spec), "--out", str(out), "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded CI machine may take long to start the cluster
         while _rows(results) < 1 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
+        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before it could be killed"
+        assert _rows(results) >= 1, "the sweep recorded no run within 180 s"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its Dask workers, all at once, no clean-up
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its Dask workers, all at once, no clean-up
         proc.wait()
     before = pd.read_parquet(results)
     assert 1 <= len(before) < 12, len(before)

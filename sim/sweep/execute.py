@@ -8,8 +8,11 @@ runs already recorded on ``--resume``, and regenerates ``report.html`` at the en
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ from sim.scenario import Scenario
 from sim.sweep.expand import Sweep, load_sweep
 from sim.sweep.results import RESULTS_FILE, ResultsTable
 from sim.sweep.spec import SweepError
+
+LOCK_FILE = ".lock"  # held (flock) by the sweep running in the folder
 
 ProgressCallback = Callable[[int, int, int, int], None]  # (done, failed, running, total)
 
@@ -46,6 +51,24 @@ def run_one(scenario: Scenario) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT meanwhile (main thread only: elsewhere signal handlers cannot be set), then restore it.
+
+    Processes started meanwhile inherit the ignored SIGINT (Python keeps an ignored SIGINT at start-up), so a
+    Ctrl-C reaches the driver alone, which cancels the runs and closes the cluster, instead of printing a
+    traceback from every worker process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
     """A Dask client: on an existing scheduler (``tcp://HOST:PORT``) or on a new ``LocalCluster`` of ``workers``
     processes with one thread each (default: one per core)."""
@@ -61,11 +84,12 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         finally:
             client.close()
         return
-    n = workers or os.cpu_count() or 1
+    n = (os.cpu_count() or 1) if workers is None else workers
     if n < 1:
         raise SweepError(f"--workers {n}: expected at least 1")
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
+    with _sigint_ignored():  # the worker processes inherit it: Ctrl-C stops the driver, not each worker loudly
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.ERROR)
     client = Client(cluster)
     try:
         yield client
@@ -89,9 +113,11 @@ def execute(sweep: Sweep, table: ResultsTable, client: Any, progress: ProgressCa
         return len(table.rows), failed
 
     def running() -> int:
+        if client.status != "running":  # asking would wait for a reconnection
+            return 0
         try:
             return sum(1 for ks in client.processing().values() for k in ks if k in keys)
-        except (OSError, TimeoutError):
+        except Exception:  # the scheduler is going away: the loop notices it from client.status
             return 0
 
     if progress:
@@ -99,26 +125,60 @@ def execute(sweep: Sweep, table: ResultsTable, client: Any, progress: ProgressCa
     done_iter = as_completed(futures)
     try:
         while not done_iter.is_empty():
+            _check_client(client)
             batch = done_iter.next_batch(block=False)
             if not batch:
                 time.sleep(poll_s)
             for fut in batch:
-                run = futures[fut]
-                if fut.status == "finished":
-                    outcome = fut.result()
-                else:  # the task itself died (worker lost, result not deserialisable, cancelled): a failed run
-                    reason = fut.exception() if fut.status == "error" else f"task {fut.status}"
-                    message = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason
-                    outcome = {"status": "failed", "error": message, "wall_s": float("nan"), "totals": None}
-                table.record(run, outcome)
+                if fut.status in ("lost", "pending"):  # its result was in a worker that died: Dask recomputes it
+                    done_iter.add(fut)
+                    continue
+                table.record(futures[fut], _outcome(fut, client))
                 keys.discard(fut.key)
                 fut.release()
             if progress:
                 progress(*counts(), running(), total)
     except BaseException:
-        for fut in futures:
-            fut.cancel()
+        with contextlib.suppress(Exception):  # the client may be closed already (the scheduler went away)
+            client.cancel(list(futures))
         raise
+
+
+def _check_client(client: Any) -> None:
+    """Raise ``ConnectionError`` (an ``OSError``: "lost the Dask cluster") once the client lost its scheduler."""
+    if client.status != "running":
+        raise ConnectionError(f"the Dask client is {client.status}: the scheduler went away")
+
+
+def _outcome(fut: Any, client: Any) -> dict[str, Any]:
+    """The outcome of a run's finished task: ``run_one``'s result, or a failed run when the task itself died
+    (its worker process died, its result could not be deserialised)."""
+    if fut.status == "cancelled":  # nobody cancels a sweep's tasks but a scheduler that lost this client
+        _check_client(client)
+        raise ConnectionError("the scheduler cancelled the sweep's tasks")
+    try:
+        if fut.status == "finished":
+            outcome: dict[str, Any] = fut.result()
+            return outcome
+        reason: object = fut.exception() if fut.status == "error" else f"task {fut.status}"
+    except Exception as exc:
+        _check_client(client)
+        reason = exc
+    return {"status": "failed", "error": _failure_message(reason), "wall_s": float("nan"), "totals": None}
+
+
+def _failure_message(reason: object) -> str:
+    """One line for a task that died: ``worker process died: ...`` for a run that killed its workers."""
+    from distributed import KilledWorker
+
+    if isinstance(reason, KilledWorker):
+        tries = getattr(reason, "allowed_failures", None)
+        count = f"{tries + 1} worker processes" if isinstance(tries, int) else "the worker processes"
+        return (f"worker process died: {count} died running this run (os._exit, a crash or out of memory in the "
+                "simulation or a user policy?)")
+    if isinstance(reason, BaseException):
+        return f"{type(reason).__name__}: {reason}"
+    return str(reason)
 
 
 @dataclass(frozen=True)
@@ -147,23 +207,52 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int | None = None
               client: Any = None) -> SweepOutcome:
     """Expand and validate the spec, then run what ``DIR/results.parquet`` lacks; write ``DIR/report.html``.
 
-    Without ``resume``, an existing results file is refused. ``client`` (a ``distributed.Client``) is used as is
-    when given, else a cluster is made from ``workers`` / ``scheduler``.
+    Without ``resume``, an existing results file is refused; so is a folder another sweep is running in (it holds
+    ``DIR/.lock``). ``client`` (a ``distributed.Client``) is used as is when given, else a cluster is made from
+    ``workers`` / ``scheduler``.
     """
-    from sim.sweep.report import sweep_report
-
     sweep = load_sweep(spec_path)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out}: exists and is not a folder")
-    results_path = out / RESULTS_FILE
-    if results_path.exists() and not resume:
-        raise SweepError(f"--out {out}: {RESULTS_FILE} already exists; pass --resume to complete that sweep "
-                         "(finished runs are skipped), or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SweepError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    with _folder_lock(out):
+        return _run_locked(sweep, out, workers, scheduler, resume, retry_failed, progress, client)
+
+
+@contextlib.contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.lock`` (``flock``, released by the kernel if the process dies)."""
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot create the sweep's lock file ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"--out {out}: another pals sweep is running in this folder (it holds {path}); "
+                             "wait for it to end, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _run_locked(sweep: Sweep, out: Path, workers: int | None, scheduler: str | None, resume: bool,
+                retry_failed: bool, progress: ProgressCallback | None, client: Any) -> SweepOutcome:
+    """``run_sweep`` once ``out`` exists and is locked."""
+    from distributed.client import ClosedClientError
+
+    from sim.sweep.report import sweep_report
+
+    results_path = out / RESULTS_FILE
+    if results_path.exists() and not resume:
+        raise SweepError(f"--out {out}: {RESULTS_FILE} already exists; pass --resume to complete that sweep "
+                         "(finished runs are skipped), or choose another --out")
     for stale in out.glob(f".{RESULTS_FILE}.*.tmp"):  # a write cut short by a kill: the old file is intact
         stale.unlink(missing_ok=True)
     table = ResultsTable(sweep, results_path)
@@ -172,7 +261,7 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int | None = None
     if retry_failed:
         table.drop_failed()
     skipped = len(table.rows)
-    write_json_atomic(out / "sweep.json", _manifest(sweep))
+    _write(out / "sweep.json", lambda p: write_json_atomic(p, _manifest(sweep)))
     if len(table.rows) < len(sweep.runs):
         try:
             if client is not None:
@@ -180,7 +269,8 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int | None = None
             else:
                 with dask_client(workers, scheduler) as c:
                     execute(sweep, table, c, progress)
-        except (OSError, TimeoutError) as exc:  # the scheduler went away (CommClosedError is an OSError)
+        except (OSError, TimeoutError, ClosedClientError) as exc:  # the scheduler went away (CommClosedError is
+            # an OSError); a failed write of results.parquet is a SweepError, not one of these
             raise SweepError(f"lost the Dask cluster after {len(table.rows)} of {len(sweep.runs)} runs ({exc}); "
                              f"finished runs are in {results_path}: rerun with --resume") from None
     elif progress:
@@ -189,6 +279,20 @@ def run_sweep(spec_path: str | Path, out: str | Path, workers: int | None = None
     if not results_path.exists():
         table.write()
     report_path = out / "report.html"
-    write_text_atomic(report_path, sweep_report(sweep, df))
+    try:
+        page = sweep_report(sweep, df)
+    except Exception as exc:  # a bug in the report must not hide the results, which are saved already
+        reason = " ".join(str(exc).split())  # one line
+        raise SweepError(f"{report_path}: cannot make the report ({type(exc).__name__}: {reason}); the results "
+                         f"are in {results_path}") from None
+    _write(report_path, lambda p: write_text_atomic(p, page))
     ok = int((df["status"] == "ok").sum())
     return SweepOutcome(len(sweep.runs), skipped, ok, len(df) - ok, results_path, report_path)
+
+
+def _write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(path)``; an ``OSError`` becomes a ``SweepError`` naming the file."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot write ({exc.strerror or exc})") from None

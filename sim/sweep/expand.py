@@ -26,7 +26,7 @@ from sim.catalog.gpus import UnknownGpuError, get_gpu
 from sim.control.base import resolve_policy
 from sim.errors import PalsError
 from sim.scenario import Scenario, apply_override, format_validation_error, scenario_from_dict
-from sim.sweep.spec import SweepError, SweepSpec, load_spec
+from sim.sweep.spec import SweepError, SweepSpec, invalid_yaml, load_spec
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,11 @@ def _times(fraction: float, watts: float) -> float:
 def _override_text(key: str, value: Any) -> str:
     if isinstance(value, str) and yaml.safe_load(value) == value:
         return f"{key}={value}"
-    return f"{key}={json.dumps(value)}"
+    return f"{key}={json.dumps(value, separators=(',', ':'))}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _label(params: dict[str, Any], seed: int) -> str:
@@ -108,7 +112,8 @@ def budget_axis(spec: SweepSpec) -> tuple[str | None, tuple[str, ...]]:
     """The column giving the budget level, and every column that moves with it.
 
     The budget level is the variable feeding a ``fraction_of_peak`` derived field (a fraction of peak power),
-    else ``power.budget_w`` when it is varied directly (W), else None.
+    else ``power.budget_w`` when it is varied directly (W), else None. ``expand`` drops a ``power.budget_w`` axis
+    whose values are not all numbers (``[null, 1000]``): it has no levels to plot against.
     """
     candidates = [(target != "power.budget_w", d.source) for target, d in spec.derived.items()
                   if d.kind == "fraction_of_peak" and isinstance(d.source, str)]
@@ -150,8 +155,10 @@ def _load_base(spec: SweepSpec, spec_path: Path) -> tuple[Path, dict[str, Any]]:
         raise SweepError(f"{spec_path}: base: scenario file not found: {base}")
     try:
         data = yaml.safe_load(base.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SweepError(f"{spec_path}: base: {base} is not a readable YAML scenario ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SweepError(f"{spec_path}: base: {base}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(f"{spec_path}: base: {invalid_yaml(base, exc)}") from None
     if not isinstance(data, dict):
         raise SweepError(f"{spec_path}: base: {base} is not a YAML mapping")
     try:
@@ -187,7 +194,11 @@ def _resolve_one(spec: SweepSpec, base_data: dict[str, Any], base_dir: Path, ass
                 derived[target] = _derive(spec, target, assignment, pre, source)
             except UnknownGpuError as exc:
                 raise SweepError(f"{source}: derived.{target}: {exc}") from None
-            apply_override(data, target.split("."), derived[target])
+            try:
+                apply_override(data, target.split("."), derived[target])
+            except PalsError as exc:
+                raise SweepError(f"{source}: derived.{target}: not a field path of the base scenario "
+                                 f"({str(exc).removeprefix(f'--set {target}: ')})") from None
     try:
         scenario = scenario_from_dict(data, source, base_dir)
         resolve_policy(scenario.control.policy)
@@ -225,6 +236,8 @@ def expand(spec: SweepSpec, spec_path: str | Path) -> Sweep:
         runs.append(Run(index, key, seed, params, overrides, scenario, scenario.control.policy, _models(scenario),
                         peak_power_w(scenario)))
     axis, linked = budget_axis(spec)
+    if axis is not None and not all(_is_number(r.params[axis]) for r in runs):
+        axis, linked = None, ()  # e.g. power.budget_w: [null, 1000]: no budget levels to plot against
     return Sweep(spec.name or spec_path.stem, spec, spec_path, base_path, runs, [*spec.axis_keys(), *spec.derived],
                  axis, linked)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,18 @@ class ResultsTable:
         dup = df["run_key"][df["run_key"].duplicated()]
         if len(dup):
             raise SweepError(f"{self.path}: run {dup.iloc[0]} is recorded twice")
+        # Only what the run produced comes from the file; its index, parameters, overrides, policy, models and peak
+        # power come from the current expansion (seeds reordered, a grid key added at its base value: the same
+        # runs, other indices and columns).
+        runs = {r.key: r for r in self.sweep.runs}
         for rec in df.to_dict("records"):
-            self.rows[rec["run_key"]] = {c: rec.get(c) for c in self.columns}
+            error = rec.get("error")
+            wall_s = rec.get("wall_s")
+            outcome = {"status": str(rec["status"]), "error": error if isinstance(error, str) else "",
+                       "wall_s": math.nan if wall_s is None else float(wall_s),
+                       "totals": {c: rec.get(c) for c in METRIC_COLUMNS}}
+            run = runs[rec["run_key"]]
+            self.rows[run.key] = self._row(run, outcome)
 
     def drop_failed(self) -> int:
         """Forget the failed rows (``--retry-failed``); returns how many."""
@@ -90,10 +101,16 @@ class ResultsTable:
 
     def record(self, run: Run, outcome: dict[str, Any]) -> None:
         """Add a finished run (``outcome`` from ``run_one``) and rewrite the file atomically."""
+        self.rows[run.key] = self._row(run, outcome)
+        self.write()
+
+    def _row(self, run: Run, outcome: dict[str, Any]) -> dict[str, Any]:
+        """The row of ``run``: its facts and parameters from the expansion, status, error, wall time and
+        metrics from ``outcome``."""
         row: dict[str, Any] = {
             "run_index": run.index, "run_key": run.key, "status": outcome["status"], "error": outcome["error"],
             "wall_s": outcome["wall_s"], "seed": run.seed, "policy": run.policy, "models": run.models,
-            "peak_power_w": run.peak_power_w, "overrides": " ".join(run.overrides),
+            "peak_power_w": run.peak_power_w, "overrides": shlex.join(run.overrides),
         }
         for c in self.sweep.param_columns:
             v = run.params[c]
@@ -102,8 +119,7 @@ class ResultsTable:
         for c in METRIC_COLUMNS:
             v = totals.get(c)
             row[c] = math.nan if v is None else float(v)
-        self.rows[run.key] = row
-        self.write()
+        return row
 
     def frame(self) -> pd.DataFrame:
         """The rows as a DataFrame ordered by run index, with fixed column types."""
@@ -118,8 +134,15 @@ class ResultsTable:
         return df.astype(types)
 
     def write(self) -> None:
-        """Rewrite ``results.parquet``: temp file in the same folder, fsync, ``os.replace``, fsync the folder."""
-        write_parquet_durable(self.path, self.frame())
+        """Rewrite ``results.parquet``: temp file in the same folder, fsync, ``os.replace``, fsync the folder.
+
+        A failed write (disk full, permissions) is a ``SweepError`` naming the file; the previous file is intact.
+        """
+        try:
+            write_parquet_durable(self.path, self.frame())
+        except OSError as exc:
+            raise SweepError(f"{self.path}: cannot write ({exc.strerror or exc}); the runs recorded before are "
+                             "in it: rerun with --resume") from None
 
 
 def write_parquet_durable(path: Path, df: pd.DataFrame) -> None:

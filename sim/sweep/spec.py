@@ -148,6 +148,13 @@ class SweepSpec(BaseModel):
         return {d.source for d in self.derived.values() if isinstance(d.source, str)}
 
 
+def invalid_yaml(path: str | Path, exc: yaml.YAMLError) -> str:
+    """``path: line L, column C: invalid YAML: problem`` on one line, as ``sim.scenario.load_scenario`` says it."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+    return f"{path}:{where} invalid YAML: {getattr(exc, 'problem', None) or exc}"
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec; every error names the file and the field."""
     path = Path(path)
@@ -158,9 +165,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     except UnicodeDecodeError as exc:
         raise SweepError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SweepError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        raise SweepError(invalid_yaml(path, exc)) from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep spec must be a YAML mapping with base, grid, zip, seeds, derived")
     try:

@@ -429,22 +429,27 @@ def scenario_from_dict(data: Any, source: str = "<scenario>", base_dir: str | Pa
     return scenario
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
-    """Load a scenario YAML file, apply ``--set`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScenarioError(f"{path}: scenario file not found")
+def read_yaml(path: Path) -> Any:
+    """A YAML file's contents (``safe_load``); ``ScenarioError`` on text that is not UTF-8 or not YAML, naming
+    the file and, for YAML, the line and column."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ScenarioError(f"{path}:{where}: invalid YAML: {problem}") from None
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise ScenarioError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Load a scenario YAML file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScenarioError(f"{path}: scenario file not found")
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: a scenario must be a YAML mapping")
     for text in overrides or []:

@@ -25,8 +25,15 @@ from pydantic import ValidationError
 from sim.catalog.gpus import UnknownGpuError, get_gpu
 from sim.control.base import resolve_policy
 from sim.errors import PalsError
-from sim.scenario import Scenario, apply_override, format_validation_error, scenario_from_dict
-from sim.sweep.spec import SweepError, SweepSpec, invalid_yaml, load_spec
+from sim.scenario import (
+    Scenario,
+    ScenarioError,
+    apply_override,
+    format_validation_error,
+    read_yaml,
+    scenario_from_dict,
+)
+from sim.sweep.spec import SweepError, SweepSpec, load_spec
 
 
 @dataclass(frozen=True)
@@ -154,11 +161,9 @@ def _load_base(spec: SweepSpec, spec_path: Path) -> tuple[Path, dict[str, Any]]:
     if not base.is_file():
         raise SweepError(f"{spec_path}: base: scenario file not found: {base}")
     try:
-        data = yaml.safe_load(base.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SweepError(f"{spec_path}: base: {base}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(f"{spec_path}: base: {invalid_yaml(base, exc)}") from None
+        data = read_yaml(base)
+    except ScenarioError as exc:
+        raise SweepError(f"{spec_path}: base: {exc}") from None
     if not isinstance(data, dict):
         raise SweepError(f"{spec_path}: base: {base} is not a YAML mapping")
     try:

@@ -21,11 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.errors import PalsError
-from sim.scenario import format_validation_error
+from sim.scenario import ScenarioError, format_validation_error, read_yaml
 
 
 class SweepError(PalsError):
@@ -148,24 +147,15 @@ class SweepSpec(BaseModel):
         return {d.source for d in self.derived.values() if isinstance(d.source, str)}
 
 
-def invalid_yaml(path: str | Path, exc: yaml.YAMLError) -> str:
-    """``path: line L, column C: invalid YAML: problem`` on one line, as ``sim.scenario.load_scenario`` says it."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-    return f"{path}:{where} invalid YAML: {getattr(exc, 'problem', None) or exc}"
-
-
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec; every error names the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: sweep spec not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SweepError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except yaml.YAMLError as exc:
-        raise SweepError(invalid_yaml(path, exc)) from None
+        data = read_yaml(path)
+    except ScenarioError as exc:
+        raise SweepError(str(exc)) from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep spec must be a YAML mapping with base, grid, zip, seeds, derived")
     try:

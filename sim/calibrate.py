@@ -24,10 +24,9 @@ from sim.catalog.gpus import GpuSpec, datasheet_gpu
 from sim.errors import PalsError
 from sim.io import write_json_atomic
 from sim.operating_point import RowPrediction, analytic_row, row_physics
-from sim.physics import EngineOverheads, voltage_squared
+from sim.physics import EngineOverheads
 
 PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
-FLOOR_WEIGHT = 3.0  # per unit of relative excess of the lowest-clock power over the lowest power limit
 
 
 class CalibrationError(PalsError):
@@ -42,16 +41,23 @@ class Param:
     part: str  # "gpu" or "engine"
     low: float
     high: float
-    scale_by_tdp: bool = False  # bounds are fractions of the GPU's max power limit
+    scale: str = ""  # "tdp": bounds are fractions of the GPU's max power limit; "idle": of its datasheet idle power
+
+    def bounds(self, gpu: GpuSpec) -> tuple[float, float]:
+        """The range of this parameter for ``gpu`` (its datasheet figures)."""
+        k = {"": 1.0, "tdp": gpu.power_limit_max_w, "idle": gpu.idle_power_w}[self.scale]
+        return self.low * k, self.high * k
 
 
 PARAMS = (
     Param("compute_efficiency", "gpu", 0.15, 0.95),
     Param("memory_efficiency", "gpu", 0.3, 0.95),
-    Param("idle_power_w", "gpu", 0.08, 0.3, True),
-    Param("active_base_power_w", "gpu", 0.0, 0.6, True),
-    Param("compute_power_w", "gpu", 0.05, 1.2, True),
-    Param("memory_power_w", "gpu", 0.0, 0.6, True),
+    # Idle power is measured with nvidia-smi on an idle GPU (the datasheet figure): the fit may refine it a little
+    # but not trade it against the active powers, which the operating points alone cannot separate from it.
+    Param("idle_power_w", "gpu", 0.85, 1.2, "idle"),
+    Param("active_base_power_w", "gpu", 0.0, 0.6, "tdp"),
+    Param("compute_power_w", "gpu", 0.05, 1.2, "tdp"),
+    Param("memory_power_w", "gpu", 0.0, 0.6, "tdp"),
     Param("voltage_floor", "gpu", 0.35, 1.0),
     Param("voltage_knee", "gpu", 0.15, 0.9),
     Param("collective_latency_s", "gpu", 1e-6, 1e-4),
@@ -62,6 +68,8 @@ PARAMS = (
     Param("moe_tile_tokens", "engine", 1.0, 128.0),
     Param("expert_bandwidth_fraction", "engine", 0.1, 1.0),
     Param("expert_latency_s", "engine", 0.0, 5e-5),
+    Param("expert_gemm_half_dim", "engine", 0.0, 4096.0),
+    Param("expert_compute_fraction", "engine", 0.2, 1.0),
 )
 
 
@@ -76,23 +84,9 @@ class FitResult:
     mape: dict[str, float]
 
 
-def floor_power_w(gpu: GpuSpec) -> float:
-    """Power at the lowest clock with tensor cores and HBM both saturated: the most a GPU can draw there.
-
-    Real GPUs hold their lowest power limit under any load (PALS: 98-101 W under a 100 W cap at every batch),
-    so a fit must keep this at or below ``power_limit_min_w``.
-    """
-    f = gpu.min_clock_fraction
-    v2 = voltage_squared(gpu, f)
-    return (gpu.idle_power_w + (gpu.active_base_power_w + gpu.compute_power_w) * f * v2
-            + gpu.memory_power_w * min(1.0, f / 0.5))
-
-
 def _bounds(gpu: GpuSpec) -> tuple[np.ndarray, np.ndarray]:
-    tdp = gpu.power_limit_max_w
-    lo = np.array([p.low * (tdp if p.scale_by_tdp else 1.0) for p in PARAMS])
-    hi = np.array([p.high * (tdp if p.scale_by_tdp else 1.0) for p in PARAMS])
-    return lo, hi
+    lo, hi = zip(*(p.bounds(gpu) for p in PARAMS), strict=True)
+    return np.array(lo), np.array(hi)
 
 
 def _unpack(x: np.ndarray, gpu: GpuSpec) -> tuple[GpuSpec, EngineOverheads]:
@@ -149,7 +143,7 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     if rows.empty:
         raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
     base, engine0 = start or (datasheet_gpu(gpu_name), EngineOverheads())
-    lo, hi = _bounds(base)
+    lo, hi = _bounds(datasheet_gpu(gpu_name))
     x0 = np.clip(_pack(base, engine0), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
     span = hi - lo
 
@@ -160,9 +154,7 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
         g, e = _unpack(lo + z * span, base)
         # A weak pull towards the first estimates keeps parameters the data barely constrain (the voltage
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
-        excess = max(0.0, floor_power_w(g) / g.power_limit_min_w - 1.0)
-        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z - z0),
-                               [FLOOR_WEIGHT * math.sqrt(len(rows)) * excess]])
+        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z - z0)])
 
     sol = least_squares(residuals, z0, bounds=(0.0, 1.0), method="trf", max_nfev=max_evals,
                         diff_step=1e-4)

@@ -208,8 +208,8 @@ def validate(
 
 @app.command()
 def calibrate(
-    table: Annotated[Path, typer.Argument(help="Profile table CSV (measured operating points).")],
-    gpu: Annotated[str | None, typer.Option(help="Fit only this GPU's rows (default: every GPU in the table).")]
+    tables: Annotated[list[Path], typer.Argument(help="Profile table CSVs (measured operating points), read as one.")],
+    gpu: Annotated[str | None, typer.Option(help="Fit only this GPU's rows (default: every GPU in the tables).")]
     = None,
     applies_to: Annotated[str, typer.Option(
         "--applies-to", help="Comma-separated other GPU names that share the fit (same die).")] = "",
@@ -219,18 +219,25 @@ def calibrate(
     """Fit the per-GPU-type and engine physics parameters to measured rows (scipy least squares) and write
     them, with the data they came from, where the catalog reads them. Rows of the --applies-to GPUs (same
     die) are fitted together with the GPU's own."""
+    import pandas as pd
+
     from sim.calibrate import PARAMS, fit, write_calibration
     from sim.catalog.calibration import CALIBRATION_DIR
     from sim.profile import check_catalog, read_table
 
     try:
-        rows = read_table(table)
-        check_catalog(rows, str(table))
+        parts = []
+        for table in tables:
+            part = read_table(table)
+            check_catalog(part, str(table))
+            parts.append(part)
+        rows = pd.concat(parts, ignore_index=True)
         others = [g.strip() for g in applies_to.split(",") if g.strip()]
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
         for name in gpus:
             result = fit(rows, name, same_die=tuple(others))
-            path = write_calibration(result, str(table), rows, others, out_dir or CALIBRATION_DIR)
+            path = write_calibration(result, ", ".join(str(t) for t in tables), rows, others,
+                                     out_dir or CALIBRATION_DIR)
             lines = [[p.name, f"{getattr(result.gpu if p.part == 'gpu' else result.engine, p.name):.4g}"]
                      for p in PARAMS]
             print_table(f"{name}: fitted on {result.rows} rows", ["parameter", "value"], lines)

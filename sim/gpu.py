@@ -95,8 +95,14 @@ class ActivityLedger:
         if dt >= total * (1.0 - 1e-12):  # finished stretch (to rounding), then idle until t
             idle = dt - total if dt > total else 0.0
             busy = dt - idle
-            return s.total_energy_j() + self.idle_power_w * idle, busy, s.clock * busy + self.idle_clock * idle
-        return s.energy_by(dt), dt, s.clock * dt
+            clock = self._sm_clock(s) * busy + self.idle_clock * idle
+            return s.total_energy_j() + self.idle_power_w * idle, busy, clock
+        return s.energy_by(dt), dt, self._sm_clock(s) * dt
+
+    def _sm_clock(self, s: Stretch) -> float:
+        """The clock a stretch reports: a duty-cycled effective clock below the lowest one reads as the lowest
+        clock, as NVML reports it (the gating shows in power and speed, not in the clock)."""
+        return s.clock if s.clock > self.idle_clock else self.idle_clock
 
     def counters(self) -> tuple[float, float, float]:
         """``(energy_j, busy_s, clock_s)`` since the start, up to now: energy of one GPU, time spent running
@@ -131,7 +137,7 @@ class ActivityLedger:
         s = self._stretch
         if s is None or self.env.now - self._start_s >= s.total_time_s():
             return self.idle_clock
-        return s.clock
+        return self._sm_clock(s)
 
 
 class SimGpu:

@@ -19,8 +19,11 @@ Compute and memory overlap (roofline: the larger wins); kernel latency, communic
 Energy per step: ``t·(P_idle + P_base·f·v²) + P_c·v²·C/(peak·eff_c) + P_m·M/(bw·eff_m)``: a static part
 over the step, energy per FLOP growing with the square of the core voltage ``v(f)`` (DVFS: dynamic power
 ``∝ f·V²``; the voltage sits at a floor below a knee clock and rises linearly to 1 at the max clock),
-energy per byte constant. Power is energy over time. A power cap lowers the clock until the step's power fits, down to
-the minimum clock; where the natural draw is below the cap the cap changes nothing.
+energy per byte constant. Power is energy over time. A power cap lowers the clock until the step's power fits; where
+even the lowest clock draws more than the cap, the GPU gates its clock part of the time (duty cycling: an
+effective clock below the lowest one, the voltage at its floor), so the lowest power limit holds under any load,
+as measured (PALS A100: 98-101 W under a 100 W cap at every batch). Where the natural draw is below the cap the
+cap changes nothing.
 
 During a pure-decode stretch the composition is fixed and every sequence's context grows by one token per
 iteration, so compute and memory work are linear in the iteration index ``j``: the stretch's duration,
@@ -65,7 +68,13 @@ class EngineOverheads:
     ``expert_bandwidth_fraction`` is the share of the achieved HBM bandwidth the fused-MoE kernels reach when
     streaming expert weights (many small GEMMs, one per touched expert); ``expert_latency_s`` is GPU time per
     touched expert per MoE layer at the max clock (its GEMMs' fixed cost: tile scheduling and pipeline fill),
-    which makes fine-grained MoE models (many small experts) slower than their bytes alone say.
+    which makes fine-grained MoE models (many small experts) slower than their bytes alone say;
+    ``expert_compute_fraction`` is the share of the dense GEMMs' FLOP rate the fused-MoE kernels reach on wide
+    experts, and ``expert_gemm_half_dim`` the expert GEMM width (intermediate size on one GPU) at which they reach
+    half of that: an expert slice ``n`` wide computes at ``fraction · n / (n + half_dim)`` of the dense rate
+    (narrow GEMMs do little work per weight tile loaded), so a 256-wide slice of a small expert under TP4 is slow
+    and a 3,584-wide slice of a Mixtral expert is not. Both come from the architecture (the config's
+    ``moe_intermediate_size``), not from a per-model factor.
     """
 
     step_s: float = 0.002
@@ -75,6 +84,8 @@ class EngineOverheads:
     moe_tile_tokens: float = 16.0
     expert_bandwidth_fraction: float = 1.0
     expert_latency_s: float = 0.0
+    expert_gemm_half_dim: float = 0.0
+    expert_compute_fraction: float = 1.0
 
 
 class StepWork(NamedTuple):
@@ -90,6 +101,7 @@ class StepWork(NamedTuple):
     latency_s: float = 0.0
 
 
+MIN_DUTY_CYCLE = 0.05  # below its lowest clock a capped GPU gates its clock down to this share of the time
 CLOCK_TOLERANCE = 1e-9  # the governor's clock (fraction of the max) is resolved to this
 CAP_TOLERANCE_W = 1e-3  # a clock whose peak power is within a milliwatt below the cap is the answer
 
@@ -133,9 +145,14 @@ class ReplicaPhysics:
         # FLOPs per token on one GPU.
         self._dense_flops_per_token = 2.0 * m.dense_params / ranks
         self._lm_head_flops_per_row = 2.0 * lm_head / ranks
-        self._expert_flops_per_row = 2.0 * m.num_moe_layers * m.expert_params / ranks
         self._tile = max(1.0, self.overheads.moe_tile_tokens)
         self._expert_latency_per_distinct = m.num_moe_layers * self.overheads.expert_latency_s / self.ep_ranks
+        # Expert GEMMs run at n / (n + half_dim) of the dense rate, n the expert width on one GPU: whole experts
+        # under expert parallelism, a 1/tp slice of each under tensor parallelism.
+        expert_width = m.expert_intermediate_size / (1 if self.ep_ranks > 1 else tp)
+        slowdown = (1.0 + self.overheads.expert_gemm_half_dim / expert_width) if expert_width > 0 else 1.0
+        slowdown /= max(1e-3, self.overheads.expert_compute_fraction)
+        self._expert_flops_per_row = 2.0 * m.num_moe_layers * m.expert_params / ranks * slowdown
         # Attention FLOPs per (query token x cached token), per GPU; heads split over TP, sequences over DP.
         self._attn_flops_full = m.attn_flops_per_context_token / ranks
         self._attn_flops_windowed = m.attn_flops_per_context_token_windowed / ranks
@@ -169,6 +186,8 @@ class ReplicaPhysics:
         self._latency_s = m.num_layers * self.overheads.layer_latency_s
         self._distinct_cache: dict[int, float] = {}
         self._p_full = gpu.idle_power_w + gpu.active_base_power_w  # static power at the max clock
+        # The lowest effective clock the governor may choose: the lowest clock, gated down to MIN_DUTY_CYCLE.
+        self.lowest_clock = gpu.min_clock_fraction * MIN_DUTY_CYCLE
         self._p_compute = gpu.compute_power_w
         self._p_memory = gpu.memory_power_w
 
@@ -290,8 +309,9 @@ class ReplicaPhysics:
     def clock_for_stretch(self, w0: StepWork, c1: float, m1: float, k: int, cap_w: float) -> float:
         """Highest clock fraction at which every iteration of a stretch draws at most ``cap_w``.
 
-        The max clock (1.0) when the natural draw fits; the minimum clock when nothing fits (the GPU cannot
-        go lower). The governor holds this clock until the composition or the cap changes.
+        The max clock (1.0) when the natural draw fits; below the lowest clock where even that draws too much
+        (an effective, duty-cycled clock, down to ``lowest_clock``). The governor holds this clock until the
+        composition or the cap changes.
         """
         # Natural draw at the max clock (inlined: the common, uncapped case). At f = 1 the memory speed is 1.
         c0, m0, x, lat = w0
@@ -310,25 +330,26 @@ class ReplicaPhysics:
         else:
             return 1.0
         # Power rises with the clock, so the highest clock within the cap is the root of peak power - cap in
-        # [min clock, 1]. A first trial a step below the max clock, from the slope there of dynamic power
-        # ∝ f·v(f)² (1.25x: aiming to land just inside the cap), usually brackets the root tightly; then
+        # [lowest effective clock, 1]. A first trial a step below the max clock, from the slope there of dynamic
+        # power ∝ f·v(f)² (1.25x: aiming to land just inside the cap), usually brackets the root tightly; then
         # Illinois regula falsi (a secant step that halves the stale end's residual when one end is kept
         # twice) reaches the precision of a bisection to ~1e-9 of the clock range in a few power evaluations
         # instead of thirty. ``lo`` is always a feasible clock.
         g = self.gpu
+        f_min = self.lowest_clock
         hi, r_hi = 1.0, p_max_clock - cap_w  # an iteration over the cap at the max clock (the peak may be higher)
         dv = (1.0 - g.voltage_floor) / max(1e-9, 1.0 - g.voltage_knee)  # dv/df at the max clock, where v = 1
         slope_w = (p_max_clock - g.idle_power_w) * (1.0 + 2.0 * dv)
-        lo = max(g.min_clock_fraction, 1.0 - 1.25 * r_hi / slope_w) if slope_w > 0.0 else g.min_clock_fraction
+        lo = max(f_min, 1.0 - 1.25 * r_hi / slope_w) if slope_w > 0.0 else f_min
         r_lo = self.stretch_peak_power_w(w0, c1, m1, k, lo) - cap_w
         if r_lo > 0.0:
             hi, r_hi = lo, r_lo
-            if lo == g.min_clock_fraction:
+            if lo == f_min:
                 return lo
-            lo = g.min_clock_fraction
+            lo = f_min
             r_lo = self.stretch_peak_power_w(w0, c1, m1, k, lo) - cap_w
             if r_lo > 0.0:
-                return lo  # nothing fits: the lowest clock
+                return lo  # nothing fits (a cap at or below the idle draw): the lowest effective clock
         kept = 0
         for _ in range(60):
             if hi - lo <= CLOCK_TOLERANCE:

@@ -56,6 +56,7 @@ class ModelSpec:
     attn_flops_per_context_token_windowed: float
     max_position_embeddings: int
     kv_latent: bool = False  # MLA: one latent vector per layer shared by all heads (not split by TP)
+    expert_intermediate_size: int = 0  # hidden width of one routed expert's MLP (0 for dense)
 
     @property
     def is_moe(self) -> bool:
@@ -223,6 +224,7 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | No
         attn_flops_per_context_token_windowed=n_windowed * attn_flops_layer,
         max_position_embeddings=max_pos,
         kv_latent=bool(kv_lora_rank),
+        expert_intermediate_size=expert_inter,
     )
 
 

@@ -353,7 +353,8 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "point.",
               "- **8xH100.** No measurement in `../shared/data` varies an H100's power limit: its fit "
               "(ML.ENERGY, Argonne) sees only the default 700 W, so how its clock and HBM energy respond to caps "
-              "is extrapolated, and the fit leaves memory-bound decode almost insensitive to caps down to 200 W. "
+              "is extrapolated: the fit leaves memory-bound decode insensitive to caps down to ~250 W (12 % slower at "
+              "200 W), while prefill-heavy steps slow with the clock. "
               "The H100 gains below are therefore upper bounds.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "
               "budget is batch 64 at the highest cap the budget allows, which is exactly what the fixed-batch "

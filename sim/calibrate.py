@@ -58,6 +58,7 @@ PARAMS = (
     Param("active_base_power_w", "gpu", 0.0, 0.6, "tdp"),
     Param("compute_power_w", "gpu", 0.05, 1.2, "tdp"),
     Param("memory_power_w", "gpu", 0.0, 0.6, "tdp"),
+    Param("kv_power_w", "gpu", 0.0, 0.6, "tdp"),
     Param("voltage_floor", "gpu", 0.35, 1.0),
     Param("voltage_knee", "gpu", 0.15, 0.9),
     Param("collective_latency_s", "gpu", 1e-6, 1e-4),
@@ -73,6 +74,11 @@ PARAMS = (
 )
 
 
+# The voltage curve only shows in how a GPU slows under a power cap: without a row measured under a cap below
+# the default limit the data cannot place it, and the fit holds it at the first estimates.
+CAP_ONLY_PARAMS = ("voltage_floor", "voltage_knee")
+
+
 @dataclass
 class FitResult:
     """Fitted parameters of one GPU type and its engine, and how well they fit."""
@@ -82,6 +88,13 @@ class FitResult:
     rows: int
     cost: float
     mape: dict[str, float]
+    held: tuple[str, ...] = ()  # parameters held at their first estimates (the data cannot place them)
+
+
+def has_capped_rows(rows: pd.DataFrame) -> bool:
+    """Whether any row was measured under a power cap below its GPU's default limit."""
+    defaults = rows["gpu"].map(lambda name: datasheet_gpu(name).default_power_limit_w)
+    return bool((rows["power_cap_w"] < defaults - 1.0).any())
 
 
 def _bounds(gpu: GpuSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -149,17 +162,25 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
 
     z0 = (x0 - lo) / span
     prior = PRIOR_WEIGHT * math.sqrt(len(rows))
+    capped = has_capped_rows(rows)
+    free = np.array([capped or p.name not in CAP_ONLY_PARAMS for p in PARAMS])
 
-    def residuals(z: np.ndarray) -> np.ndarray:
-        g, e = _unpack(lo + z * span, base)
+    def full(z_free: np.ndarray) -> np.ndarray:
+        z = z0.copy()
+        z[free] = z_free
+        return z
+
+    def residuals(z_free: np.ndarray) -> np.ndarray:
+        g, e = _unpack(lo + full(z_free) * span, base)
         # A weak pull towards the first estimates keeps parameters the data barely constrain (the voltage
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
-        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z - z0)])
+        return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z_free - z0[free])])
 
-    sol = least_squares(residuals, z0, bounds=(0.0, 1.0), method="trf", max_nfev=max_evals,
+    sol = least_squares(residuals, z0[free], bounds=(0.0, 1.0), method="trf", max_nfev=max_evals,
                         diff_step=1e-4)
-    gpu, engine = _unpack(lo + sol.x * span, base)
-    return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows))
+    gpu, engine = _unpack(lo + full(sol.x) * span, base)
+    held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f)
+    return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows), held)
 
 
 def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, applies_to: list[str],
@@ -177,7 +198,8 @@ def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, a
                       "sources": sorted(set(rows["source"])), "models": sorted(set(rows["model"])),
                       "power_caps_w": sorted({float(c) for c in rows["power_cap_w"]})},
         "fit": {"mape_percent": {k: round(v, 2) for k, v in result.mape.items()}, "cost": round(result.cost, 6),
-                "method": "scipy.optimize.least_squares (trf) on log(predicted/measured)"},
+                "method": "scipy.optimize.least_squares (trf) on log(predicted/measured)",
+                "held_at_first_estimates": list(result.held)},
         "fitted_at": _dt.date.today().isoformat(),
     }
     path = Path(out_dir) / f"{result.gpu.name}.json"

@@ -16,10 +16,13 @@ context. Per GPU of a replica (the busiest rank under expert parallelism) its pa
 
 Compute and memory overlap (roofline: the larger wins); kernel latency, communication and host overhead add.
 
-Energy per step: ``t·(P_idle + P_base·f·v²) + P_c·v²·C/(peak·eff_c) + P_m·M/(bw·eff_m)``: a static part
-over the step, energy per FLOP growing with the square of the core voltage ``v(f)`` (DVFS: dynamic power
-``∝ f·V²``; the voltage sits at a floor below a knee clock and rises linearly to 1 at the max clock),
-energy per byte constant. Power is energy over time. A power cap lowers the clock until the step's power fits; where
+Energy per step: ``t·(P_idle + P_base·f·v²) + P_c·v²·C/(peak·eff_c) + P_m·M/(bw·eff_m) + P_kv·K/(bw·eff_m)``:
+a static part over the step, energy per FLOP growing with the square of the core voltage ``v(f)`` (DVFS:
+dynamic power ``∝ f·V²``; the voltage sits at a floor below a knee clock and rises linearly to 1 at the max
+clock), energy per byte constant, and more of it per byte of KV cache ``K`` (part of ``M``) than per byte of
+weights: attention gathers the cache in pages and works on every byte it reads, where a weight byte streams
+through a GEMM (Argonne H100, batch 64: Llama-2-7B, whose multi-head cache is 4x Llama-3-8B's, draws 595 W
+against 455 W). Power is energy over time. A power cap lowers the clock until the step's power fits; where
 even the lowest clock draws more than the cap, the GPU gates its clock part of the time (duty cycling: an
 effective clock below the lowest one, the voltage at its floor), so the lowest power limit holds under any load,
 as measured (PALS A100: 98-101 W under a 100 W cap at every batch). Where the natural draw is below the cap the
@@ -92,13 +95,15 @@ class StepWork(NamedTuple):
     """Clock-independent description of one step on the busiest GPU.
 
     ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the first two overlap, the
-    third adds and scales with ``1 / clock``); ``fixed_s`` is communication plus host time.
+    third adds and scales with ``1 / clock``); ``fixed_s`` is communication plus host time; ``kv_s`` is the
+    part of ``memory_s`` that reads the KV cache.
     """
 
     compute_s: float
     memory_s: float
     fixed_s: float
     latency_s: float = 0.0
+    kv_s: float = 0.0  # the KV-cache part of ``memory_s`` (it costs more energy per byte)
 
 
 MIN_DUTY_CYCLE = 0.05  # below its lowest clock a capped GPU gates its clock down to this share of the time
@@ -190,6 +195,7 @@ class ReplicaPhysics:
         self.lowest_clock = gpu.min_clock_fraction * MIN_DUTY_CYCLE
         self._p_compute = gpu.compute_power_w
         self._p_memory = gpu.memory_power_w
+        self._p_kv = gpu.kv_power_w
 
     # ----- work of one step ---------------------------------------------------------------------------
     def distinct_experts(self, num_tokens: int) -> float:
@@ -226,7 +232,8 @@ class ReplicaPhysics:
         """
         flops = (self._dense_flops_per_token * num_tokens + self._lm_head_flops_per_row * num_logits
                  + self._attn_flops_full * attn_pairs_full + self._attn_flops_windowed * attn_pairs_windowed)
-        mem = self._dense_bytes + self._kv_bytes_full * kv_read_full + self._kv_bytes_windowed * kv_read_windowed
+        kv = self._kv_bytes_full * kv_read_full + self._kv_bytes_windowed * kv_read_windowed
+        mem = self._dense_bytes + kv
         expert_flops = 0.0
         latency = self._latency_s
         if self.popularity is not None:
@@ -238,7 +245,7 @@ class ReplicaPhysics:
         comm = (self._allreduce_s_per_token + self._alltoall_s_per_token) * num_tokens + self._collective_latency_s
         o = self.overheads
         host = o.step_s + o.per_seq_s * num_seqs + o.per_request_s * num_new
-        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host, latency)
+        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host, latency, kv / self._bw)
 
     def kv_read_s(self, cached_tokens_full: float, cached_tokens_windowed: float = 0.0) -> float:
         """HBM time at full bandwidth to read this many cached tokens' KV once."""
@@ -264,7 +271,7 @@ class ReplicaPhysics:
             t = self.step_time_s(w, f)
         v2 = voltage_squared(g, f)
         return t * (g.idle_power_w + g.active_base_power_w * f * v2) + g.compute_power_w * v2 * w.compute_s \
-            + g.memory_power_w * w.memory_s
+            + g.memory_power_w * w.memory_s + g.kv_power_w * w.kv_s
 
     def step_power_w(self, w: StepWork, f: float) -> float:
         """Average power of one GPU over a step at clock fraction ``f``."""
@@ -282,7 +289,7 @@ class ReplicaPhysics:
         two linear functions of ``j`` and so monotone: the peak is at an end of the stretch or beside the
         iteration where the step turns from one to the other.
         """
-        c0, m0, x, lat = w0
+        c0, m0, x, lat, kv0 = w0
         js = [0] if k <= 1 else [0, k - 1]
         s = self.memory_speed(f)
         denom = m1 / s - c1 / f
@@ -296,12 +303,13 @@ class ReplicaPhysics:
         base_w = g.idle_power_w + g.active_base_power_w * f * v2
         compute_w = g.compute_power_w * v2
         memory_w = g.memory_power_w
+        kv_w = g.kv_power_w
         lat_s = lat / f
         peak = -math.inf
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
             t = max(c / f, m / s) + lat_s + x
-            p = (t * base_w + compute_w * c + memory_w * m) / t
+            p = (t * base_w + compute_w * c + memory_w * m + kv_w * (kv0 + m1 * j)) / t
             if p > peak:
                 peak = p
         return peak
@@ -314,9 +322,9 @@ class ReplicaPhysics:
         composition or the cap changes.
         """
         # Natural draw at the max clock (inlined: the common, uncapped case). At f = 1 the memory speed is 1.
-        c0, m0, x, lat = w0
+        c0, m0, x, lat, kv0 = w0
         x += lat
-        p_full, p_c, p_m = self._p_full, self._p_compute, self._p_memory
+        p_full, p_c, p_m, p_kv = self._p_full, self._p_compute, self._p_memory, self._p_kv
         js = (0,) if k <= 1 else (0, k - 1)
         if k > 2 and m1 != c1:
             jx = (c0 - m0) / (m1 - c1)
@@ -324,7 +332,7 @@ class ReplicaPhysics:
                 js = (0, k - 1, math.floor(jx), math.ceil(jx))
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
-            p_max_clock = p_full + (p_c * c + p_m * m) / ((c if c > m else m) + x)
+            p_max_clock = p_full + (p_c * c + p_m * m + p_kv * (kv0 + m1 * j)) / ((c if c > m else m) + x)
             if p_max_clock > cap_w:
                 break
         else:
@@ -398,21 +406,24 @@ class Stretch:
     """``k`` engine iterations with a fixed composition at a fixed clock, in closed form.
 
     Iteration ``j`` (0-based) has compute time ``(c0 + c1·j)/f`` and memory time ``(m0 + m1·j)/g(f)``
-    (attention and KV reads grow by one token per sequence per iteration), plus fixed time ``x``.
+    (attention and KV reads grow by one token per sequence per iteration), plus fixed time ``x``; its memory
+    energy is ``e0 + e1·j`` (weights and the starting KV cache, then the growing cache at the KV energy per byte).
     A prefill-carrying step is a stretch of one iteration with zero slopes.
     """
 
-    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m", "_memo", "_p_static", "_total_e", "_total_t", "c0",
-                 "c1", "clock", "iterations", "m0", "m1", "x")
+    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m0", "_e_m1", "_memo", "_p_static", "_total_e", "_total_t",
+                 "c0", "c1", "clock", "iterations", "m0", "m1", "x")
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
-        c0, m0, x, lat = work0
+        c0, m0, x, lat, kv0 = work0
         x += lat / clock
         self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
         self.clock = clock
         self.iterations = iterations
-        self._e_m = phys._p_memory
+        # Memory energy of iteration j: P_m·(m0 + m1·j) + P_kv·(kv0 + m1·j) (the slope is all KV cache).
+        self._e_m0 = phys._p_memory * m0 + phys._p_kv * kv0
+        self._e_m1 = (phys._p_memory + phys._p_kv) * m1
         if clock == 1.0:  # uncapped: the common case
             self._a1, self._b1, self._a2, self._b2 = c0, c1, m0, m1
             self._p_static = phys._p_full
@@ -447,7 +458,7 @@ class Stretch:
             m = self.iterations
             tri = m * (m - 1) / 2.0
             self._total_e = (self.total_time_s() * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
-                             + self._e_m * (self.m0 * m + self.m1 * tri))
+                             + self._e_m0 * m + self._e_m1 * tri)
         return self._total_e
 
     def iter_time(self, j: int) -> float:
@@ -457,7 +468,7 @@ class Stretch:
     def iter_energy(self, j: int) -> float:
         """Energy of one GPU during iteration ``j``."""
         return (self.iter_time(j) * self._p_static + self._e_c * (self.c0 + self.c1 * j)
-                + self._e_m * (self.m0 + self.m1 * j))
+                + self._e_m0 + self._e_m1 * j)
 
     def time_of(self, m: int) -> float:
         """Time to run the first ``m`` iterations."""
@@ -469,7 +480,7 @@ class Stretch:
         if t_m is None:
             t_m = self.time_of(m)
         return (t_m * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
-                + self._e_m * (self.m0 * m + self.m1 * tri))
+                + self._e_m0 * m + self._e_m1 * tri)
 
     def iterations_done_by(self, elapsed_s: float) -> int:
         """Iterations completed within ``elapsed_s`` of the stretch's start (0..iterations)."""

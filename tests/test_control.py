@@ -152,7 +152,8 @@ def test_pals_never_exceeds_its_budget_share():
     # already running at the old clock.
     after_drop = per_window.index == 40.5
     assert (per_window["power"][~after_drop] <= per_window["share"][~after_drop] * (1 + 1e-9)).all()
-    assert (per_window["power"][after_drop] <= per_window["share"][after_drop] * 1.1).all()
+    # In that window the old step's share of the time is at most the old share, the rest at most the new one.
+    assert (per_window["power"][after_drop] <= per_window["share"].loc[40.0] * (1 + 1e-9)).all()
     assert out.summary["totals"]["budget_violation_fraction"] <= 1 / len(per_window)
     static = run_scenario(sc.model_copy(update={"control": sc.control.model_copy(update={"policy": "static"})}))
     assert static.summary["totals"]["budget_violation_fraction"] > 0.1

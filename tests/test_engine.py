@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -217,17 +219,20 @@ def test_round_robin_and_least_loaded_routing():
         assert load[replica[i]] == load.min(), (i, load, replica[i])
 
 
-def test_the_lowest_power_limit_holds_under_heavy_prefill_by_duty_cycling():
-    """Mixtral prefilling 64 x 2,000-token batches on a B200 under its lowest limit: its lowest clock alone would
-    draw more (checked first), so the GPU gates its clock (an effective clock below the lowest one). Every window
-    stays within the limit, the reported clock never reads below the lowest clock, and the work still gets done,
-    more slowly than at a higher limit."""
-    spec = GPUS["b200"]
+def test_the_lowest_power_limit_holds_under_heavy_prefill_by_duty_cycling(monkeypatch):
+    """Mixtral prefilling 64 x 2,000-token batches under the lowest limit of a power-hungry H100 variant (no
+    voltage scaling, compute power twice the calibrated one) whose lowest clock alone would draw more (checked
+    first): the GPU gates its clock (an effective clock below the lowest one). Every window stays within the
+    limit, the reported clock never reads below the lowest clock, and the work still gets done, more slowly
+    than at a higher limit."""
+    base = GPUS["h100-sxm"]
+    spec = replace(base, name="hungry-h100", compute_power_w=2 * base.compute_power_w, voltage_floor=1.0)
+    monkeypatch.setitem(GPUS, spec.name, spec)
     low = spec.power_limit_min_w
 
     def run(cap_w: float):
         sc = tiny({"kind": "static-batches", "batch_size": 64, "prompt_tokens": 2000, "output_tokens": 2,
-                   "requests": 128}, model="mixtral-8x7b", gpu="b200", duration_s=1e4,
+                   "requests": 128}, model="mixtral-8x7b", gpu=spec.name, tensor=2, duration_s=1e4,
                    engine={"max_num_batched_tokens": 8192}, control={"policy": "static", "power_cap_w": cap_w,
                                                                      "period_s": 0.5},
                    power={"cap_actuation_delay_s": 0.0})
@@ -237,6 +242,7 @@ def test_the_lowest_power_limit_holds_under_heavy_prefill_by_duty_cycling():
     phys = build_physics(sc, sc.deployments[0])
     prefill = phys.step_work(8192, 4, 4, 8192 * 1000.0, 8192)
     assert phys.step_power_w(prefill, spec.min_clock_fraction) > low, "the lowest clock fits: nothing to test"
+    assert phys.clock_for_cap(prefill, low) < spec.min_clock_fraction
     _check_invariants(sc, out)
     busy = out.timeseries[out.timeseries["utilization"] > 0.99]
     assert not busy.empty

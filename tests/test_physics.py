@@ -165,17 +165,19 @@ def test_sum_max_linear_matches_brute_force(a1, b1, a2, b2, m):
 
 @settings(max_examples=100, deadline=None)
 @given(c0=st.floats(1e-5, 0.05), m0=st.floats(1e-5, 0.05), x=st.floats(0, 0.01), c1=st.floats(0, 1e-5),
-       m1=st.floats(0, 1e-5), f=st.floats(0.2, 1.0), k=st.integers(1, 500), frac=st.floats(0, 1))
-def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac):
+       m1=st.floats(0, 1e-5), f=st.floats(0.2, 1.0), k=st.integers(1, 500), frac=st.floats(0, 1),
+       kv_share=st.floats(0, 1))
+def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac, kv_share):
     phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism())
-    s = Stretch(phys, StepWork(c0, m0, x), c1, m1, f, k)
+    # The KV-cache part of the memory time starts at a share of it and is all of its growth.
+    s = Stretch(phys, StepWork(c0, m0, x, 0.0, kv_share * m0), c1, m1, f, k)
     times = [s.iter_time(j) for j in range(k)]
     energies = [s.iter_energy(j) for j in range(k)]
     assert s.total_time_s() == pytest.approx(sum(times), rel=1e-9)
     assert s.total_energy_j() == pytest.approx(sum(energies), rel=1e-9)
     # Each iteration's time and energy equal the step formulas at that iteration's work.
     j = k // 2
-    wj = StepWork(c0 + c1 * j, m0 + m1 * j, x)
+    wj = StepWork(c0 + c1 * j, m0 + m1 * j, x, 0.0, kv_share * m0 + m1 * j)
     assert times[j] == pytest.approx(phys.step_time_s(wj, f), rel=1e-12)
     assert energies[j] == pytest.approx(phys.step_energy_j(wj, f), rel=1e-12)
     elapsed = frac * sum(times)

@@ -38,6 +38,7 @@ class GpuSpec:
     active_base_power_w: float = 0.0  # extra power while busy at max clock, whatever the work (∝ clock)
     compute_power_w: float = 0.0  # extra power with tensor cores fully busy at max clock (∝ clock^alpha)
     memory_power_w: float = 0.0  # extra power with HBM streaming at full achieved bandwidth
+    kv_power_w: float = 0.0  # further extra power while that stream is KV cache read by attention (paged gathers)
     voltage_floor: float = 0.6  # core voltage at and below the knee clock, relative to the max clock's
     voltage_knee: float = 0.5  # clock fraction below which the voltage stays at its floor
     power_limit_default_w: float = 0.0  # 0 → power_limit_max_w

@@ -129,9 +129,10 @@ class PhysicsModel(_MemoModel):
         prompt_tokens = b * p
         chunks = max(1, math.ceil(prompt_tokens / self.budget))
         chunk = prompt_tokens / chunks
-        # Prefill: chunks of the batch's prompts (each token attends about half its prompt).
-        pre = self.phys.step_work(max(1, round(chunk)), max(1, round(b / chunks)), b, chunk * p / 2.0 + chunk,
-                                  chunk + b * p / chunks, num_new=round(b / chunks))
+        # Prefill: chunks of the batch's prompts, each token attending the ones before it and itself (on average
+        # (p + 1) / 2 of them) and each prompt's cache read once, as the engine counts them.
+        pre = self.phys.step_work(max(1, round(chunk)), max(1, round(b / chunks)), b, chunk * (p + 1) / 2.0,
+                                  chunk, num_new=round(b / chunks))
         steps = [(pre, float(chunks))]
         if o > 1:
             ctx = b * (p + o / 2.0)

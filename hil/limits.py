@@ -9,7 +9,10 @@ limit on entry and sets it back:
   default action, SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises ``SystemExit(128 + 15)`` (exit status
   143, the shell convention), so ``finally`` blocks and ``__exit__`` still run. A signal that was ignored
   stays ignored (and no restore happens: the program goes on). Handlers are installed only from the main
-  thread, and the previous ones are put back on exit;
+  thread, and the previous ones are put back on exit. Python runs them in the main thread between bytecodes:
+  a main thread blocked in one long system call (a minute's ``time.sleep``) may run them only when it returns,
+  if the kernel handed the signal to another thread, so wait in short steps or in an event loop (``pals hil
+  run`` waits in asyncio, whose signal wake-up does not depend on the receiving thread);
 * at interpreter exit (``atexit``), as a backstop.
 
 Restoring is idempotent (the first restore wins, later ones do nothing) and one GPU failing to restore is

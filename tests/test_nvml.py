@@ -282,7 +282,10 @@ with restored_power_limits(gpus):
     for g in gpus:
         g.set_power_limit_w(150.0)
     print("capped", flush=True)
-    time.sleep(60)
+    # Short waits, as a control loop makes: Python runs a signal handler in the main thread, and when the kernel
+    # hands the signal to another thread (numpy's BLAS threads, say) a 60 s sleep would only see it on waking.
+    for _ in range(600):
+        time.sleep(0.1)
 """
 
 

@@ -356,7 +356,7 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "(ML.ENERGY, Argonne) sees only the default 700 W, so how its clock and HBM energy respond to caps "
               "is extrapolated (the voltage curve stays at its first estimates): memory-bound decode loses little down "
               "to ~300 W (5 %), then 25 % at 250 W and 45 % at 200 W, and prefill-heavy steps slow with the clock. "
-              "The H100 gains below are therefore upper bounds.",
+              "Read the H100 gains below with that uncertainty.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "
               "budget is batch 64 at the highest cap the budget allows, which is exactly what the fixed-batch "
               "policy that tracks the budget runs; pals finds the same configuration, so it keeps no more "

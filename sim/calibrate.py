@@ -5,13 +5,18 @@ per-model factor), so a fit predicts models it never saw. The fit minimises the 
 predicted to measured throughput, power and (where measured) median inter-token latency, with the
 closed-form steady state (``analytic_row``) as the predictor, bounded by physical ranges, from the catalog's
 first estimates (scipy ``least_squares``, trust-region reflective).
+
+Each fit also reports how well the data determines each parameter: the Gauss-Newton standard error (from the
+Jacobian at the solution and the residual variance) and the pairs of parameters the data can only trade against
+each other (strongly correlated estimates). A parameter with a large standard error is one the tables do not
+pin down; predictions that lean on it are extrapolations.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from sim.operating_point import RowPrediction, analytic_row, row_physics
 from sim.physics import EngineOverheads
 
 PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
+CORRELATION_REPORTED = 0.8  # parameter pairs whose estimates correlate at least this strongly are reported
 
 
 class CalibrationError(PalsError):
@@ -89,6 +95,10 @@ class FitResult:
     cost: float
     mape: dict[str, float]
     held: tuple[str, ...] = ()  # parameters held at their first estimates (the data cannot place them)
+    # Standard error of each fitted parameter (NaN where it sits at a bound or was held: no error estimate).
+    std: dict[str, float] = field(default_factory=dict)
+    # Pairs of parameters whose estimates are strongly correlated (|r| >= CORRELATION_REPORTED), strongest first.
+    correlated: list[tuple[str, str, float]] = field(default_factory=list)
 
 
 def has_capped_rows(rows: pd.DataFrame) -> bool:
@@ -180,7 +190,36 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
                         diff_step=1e-4)
     gpu, engine = _unpack(lo + full(sol.x) * span, base)
     held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f)
-    return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows), held)
+    std, correlated = _uncertainty(sol, [p.name for p, f in zip(PARAMS, free, strict=True) if f], span[free])
+    return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows), held,
+                     {p.name: std.get(p.name, math.nan) for p in PARAMS}, correlated)
+
+
+def _uncertainty(sol: Any, names: list[str], span: np.ndarray) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+    """Gauss-Newton standard errors and strong correlations of the free parameters at a least-squares solution.
+
+    ``cov = (JᵀJ)⁻¹ · s²`` with ``J`` the Jacobian of all residuals (data and prior) in the unit-range coordinates
+    and ``s²`` the data residuals' variance (the prior adds one residual per free parameter). A parameter held at
+    a bound has no such estimate (NaN), and is left out of the correlations.
+    """
+    n = len(names)
+    n_data = len(sol.fun) - n
+    data = sol.fun[:n_data]
+    s2 = float(data @ data) / max(1, n_data - n)
+    jac = np.asarray(sol.jac, dtype=float)
+    cov = np.linalg.pinv(jac.T @ jac) * s2
+    sd_unit = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    inner = np.asarray(sol.active_mask) == 0
+    std = {name: float(sd_unit[i] * span[i]) if inner[i] else math.nan for i, name in enumerate(names)}
+    correlated = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            if inner[i] and inner[j] and sd_unit[i] > 0 and sd_unit[j] > 0:
+                r = float(cov[i, j] / (sd_unit[i] * sd_unit[j]))
+                if abs(r) >= CORRELATION_REPORTED:
+                    correlated.append((names[i], names[j], r))
+    correlated.sort(key=lambda c: -abs(c[2]))
+    return std, correlated
 
 
 def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, applies_to: list[str],
@@ -199,7 +238,10 @@ def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, a
                       "power_caps_w": sorted({float(c) for c in rows["power_cap_w"]})},
         "fit": {"mape_percent": {k: round(v, 2) for k, v in result.mape.items()}, "cost": round(result.cost, 6),
                 "method": "scipy.optimize.least_squares (trf) on log(predicted/measured)",
-                "held_at_first_estimates": list(result.held)},
+                "held_at_first_estimates": list(result.held),
+                # Gauss-Newton standard errors (null: at a bound or held) and strongly correlated pairs.
+                "standard_error": {k: _round(v) for k, v in result.std.items()},
+                "correlated_pairs": [{"a": a, "b": b, "r": round(r, 3)} for a, b, r in result.correlated]},
         "fitted_at": _dt.date.today().isoformat(),
     }
     path = Path(out_dir) / f"{result.gpu.name}.json"

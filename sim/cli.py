@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -238,13 +239,21 @@ def calibrate(
             result = fit(rows, name, same_die=tuple(others))
             path = write_calibration(result, ", ".join(str(t) for t in tables), rows, others,
                                      out_dir or CALIBRATION_DIR)
-            lines = [[p.name, f"{getattr(result.gpu if p.part == 'gpu' else result.engine, p.name):.4g}"]
-                     for p in PARAMS]
-            print_table(f"{name}: fitted on {result.rows} rows", ["parameter", "value"], lines)
+            lines = [[p.name, f"{getattr(result.gpu if p.part == 'gpu' else result.engine, p.name):.4g}",
+                      _standard_error(result.std[p.name], p.name in result.held)] for p in PARAMS]
+            print_table(f"{name}: fitted on {result.rows} rows", ["parameter", "value", "± std. error"], lines)
             console.print("in-sample MAPE: " + ", ".join(f"{k} {v:.1f} %" for k, v in result.mape.items()))
+            for a, b, r in result.correlated:
+                console.print(f"the data trades {a} against {b} (correlation {r:+.2f})")
             console.print(f"written to {path}")
     except (PalsError, ValueError) as exc:
         _fail(exc)
+
+
+def _standard_error(std: float, held: bool) -> str:
+    if held:
+        return "held"
+    return f"{std:.2g}" if math.isfinite(std) else "at a bound"
 
 
 @app.command()

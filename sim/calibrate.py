@@ -222,6 +222,53 @@ def _uncertainty(sol: Any, names: list[str], span: np.ndarray) -> tuple[dict[str
     return std, correlated
 
 
+HOLD_OUT_COLUMNS = ("model", "power_cap_w", "max_num_seqs", "source", "gpu")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One fold of a held-out check: the rows left out of the fit, and how well the fit predicts them."""
+
+    held_out: tuple[Any, ...]  # the values of the fold's column left out (a model name, caps, ...)
+    train_rows: int
+    test_rows: int
+    mape: dict[str, float]  # MAPE (%) per metric on the held-out rows
+
+
+def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: list[Any] | None = None,
+                    same_die: tuple[str, ...] = ()) -> list[HeldOut]:
+    """Fit without some rows of ``gpu_name`` (and ``same_die``) and predict them, the way the fit would meet
+    data it never saw.
+
+    Without ``train_values`` every value of column ``by`` is left out in turn (leave one model out, one cap,
+    ...); with them, one fold fits on the rows whose ``by`` is among ``train_values`` and predicts the rest
+    (PALS's leave-caps-out: fit on 150, 250 and 400 W, predict the other caps).
+    """
+    if by not in HOLD_OUT_COLUMNS:
+        raise CalibrationError(f"--by {by!r}: expected one of {', '.join(HOLD_OUT_COLUMNS)}")
+    rows = table[table["gpu"].isin([gpu_name, *same_die])].reset_index(drop=True)
+    if rows.empty:
+        raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
+    values = sorted(set(rows[by]))
+    if train_values is None:
+        folds = [[v] for v in values]
+    else:
+        missing = [v for v in train_values if v not in values]
+        if missing:
+            raise CalibrationError(f"--train {missing}: no rows with {by} = these (the table has {values})")
+        folds = [[v for v in values if v not in train_values]]
+    out = []
+    for held in folds:
+        test = rows[rows[by].isin(held)]
+        train = rows[~rows[by].isin(held)]
+        if train.empty or test.empty:
+            raise CalibrationError(f"holding out {by} = {held} leaves nothing to {'fit' if train.empty else 'predict'}")
+        result = fit(train, gpu_name, same_die=same_die)
+        out.append(HeldOut(tuple(held), len(train), len(test),
+                           mape(predict_rows(test, result.gpu, result.engine), test)))
+    return out
+
+
 def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, applies_to: list[str],
                       out_dir: str | Path = CALIBRATION_DIR) -> Path:
     """Write a fit where the catalog reads it (``<out_dir>/<gpu>.json``), with the data it came from."""

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -220,19 +220,11 @@ def calibrate(
     """Fit the per-GPU-type and engine physics parameters to measured rows (scipy least squares) and write
     them, with the data they came from, where the catalog reads them. Rows of the --applies-to GPUs (same
     die) are fitted together with the GPU's own."""
-    import pandas as pd
-
     from sim.calibrate import PARAMS, fit, write_calibration
     from sim.catalog.calibration import CALIBRATION_DIR
-    from sim.profile import check_catalog, read_table
 
     try:
-        parts = []
-        for table in tables:
-            part = read_table(table)
-            check_catalog(part, str(table))
-            parts.append(part)
-        rows = pd.concat(parts, ignore_index=True)
+        rows = _read_tables(tables)
         others = [g.strip() for g in applies_to.split(",") if g.strip()]
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
         for name in gpus:
@@ -248,6 +240,70 @@ def calibrate(
             console.print(f"written to {path}")
     except (PalsError, ValueError) as exc:
         _fail(exc)
+
+
+@app.command()
+def holdout(
+    tables: Annotated[list[Path], typer.Argument(help="Profile table CSVs (measured operating points), read as one.")],
+    by: Annotated[str, typer.Option(help="Column whose values are held out: model, power_cap_w, max_num_seqs, "
+                                         "source or gpu.")] = "model",
+    train: Annotated[str, typer.Option(
+        help="Comma-separated values of --by to fit on, predicting all the others (one fold); default: leave "
+             "each value out in turn.")] = "",
+    gpu: Annotated[str | None, typer.Option(help="Check this GPU's fit (default: every GPU in the tables).")] = None,
+    applies_to: Annotated[str, typer.Option(
+        "--applies-to", help="Comma-separated other GPU names fitted together with it (same die).")] = "",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write holdout.json into this folder.")] = None,
+) -> None:
+    """How well a calibration predicts what it never saw: fit without some rows (a model, some caps, ...)
+    and predict them. Writes nothing where the catalog reads; prints MAPE per fold (and --out/holdout.json)."""
+    from sim.calibrate import held_out_errors
+    from sim.io import write_json_atomic
+
+    try:
+        if out is not None and out.exists() and not out.is_dir():
+            raise PalsError(f"--out {out}: exists and is not a folder")
+        rows = _read_tables(tables)
+        train_values: list[Any] | None = None
+        if train.strip():
+            train_values = _floats(train, "--train") if by in ("power_cap_w", "max_num_seqs") else \
+                [v.strip() for v in train.split(",") if v.strip()]
+        others = [g.strip() for g in applies_to.split(",") if g.strip()]
+        report = {}
+        for name in [gpu] if gpu else sorted(set(rows["gpu"]) - set(others)):
+            folds = held_out_errors(rows, name, by, train_values, tuple(others))
+            metrics = [m for m in HELD_OUT_LABELS if any(m in f.mape for f in folds)]
+            lines = [[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.held_out),
+                      str(f.train_rows), str(f.test_rows),
+                      *[f"{f.mape[m]:.1f}" if m in f.mape else "-" for m in metrics]] for f in folds]
+            print_table(f"{name}: each fold fitted without its rows, then predicting them",
+                        [by, "fit rows", "held out", *[f"{HELD_OUT_LABELS[m]} %" for m in metrics]], lines)
+            report[name] = [{"held_out": list(f.held_out), "train_rows": f.train_rows, "test_rows": f.test_rows,
+                             "mape_percent": f.mape} for f in folds]
+        if out is not None:
+            write_json_atomic(out / "holdout.json", {"tables": [str(t) for t in tables], "by": by,
+                                                     "train": train_values, "folds": report})
+            console.print(f"written to {out / 'holdout.json'}")
+    except (PalsError, ValueError) as exc:
+        _fail(exc)
+
+
+HELD_OUT_LABELS = {"throughput_tokens_per_s": "throughput MAPE", "power_w_per_gpu": "power MAPE",
+                   "itl_median_s": "ITL MAPE"}
+
+
+def _read_tables(tables: list[Path]) -> Any:
+    """Profile tables read, checked against the catalog and concatenated (one DataFrame)."""
+    import pandas as pd
+
+    from sim.profile import check_catalog, read_table
+
+    parts = []
+    for table in tables:
+        part = read_table(table)
+        check_catalog(part, str(table))
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _standard_error(std: float, held: bool) -> str:

@@ -11,13 +11,14 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from functools import cache
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from sim.calibrate import PARAMS, FitResult, fit, with_params
+from sim.calibrate import PARAMS, FitResult, fit, held_out_errors, with_params
 from sim.catalog.calibration import gpu_params
 from sim.catalog.gpus import GPUS, datasheet_gpu
 from sim.operating_point import analytic_row, row_physics, simulate_row
@@ -48,20 +49,6 @@ def mlenergy_h100() -> pd.DataFrame:
 @cache
 def argonne() -> pd.DataFrame:
     return import_argonne(shared_data("argonne", "power_results.csv"))
-
-
-def simulated_mape(result, rows: pd.DataFrame) -> dict[str, float]:
-    """MAPE (%) on ``rows`` of the closed-form predictor with the fitted parameters (it equals the simulator
-    within 0.1 % on static batches and a few % on saturated ones: see the agreement test)."""
-    out: dict[str, list[float]] = {"throughput_tokens_per_s": [], "power_w_per_gpu": [], "itl_median_s": []}
-    for r in rows.itertuples(index=False):
-        gpu = with_params(datasheet_gpu(r.gpu), result.gpu)
-        p = analytic_row(r, row_physics(r, gpu, result.engine))
-        for m in out:
-            meas = getattr(r, m)
-            if not np.isnan(meas):
-                out[m].append(abs(getattr(p, m) / meas - 1.0) * 100.0)
-    return {m: float(np.mean(v)) for m, v in out.items() if v}
 
 
 # ----- the profile table and its readers ------------------------------------------------------------
@@ -192,6 +179,58 @@ def test_standard_errors_grow_with_the_noise():
         assert 1.6 <= high.std[name] / low.std[name] <= 2.5, (name, low.std[name], high.std[name])
 
 
+def synthetic_rows() -> pd.DataFrame:
+    """PALS's design (4 models, every cap, batches 1/8/64) measured on the physics itself, with parameters away
+    from the first estimates the fit starts from."""
+    truth_gpu = replace(datasheet_gpu("a100-sxm4-80gb"), compute_efficiency=0.5, memory_efficiency=0.7,
+                        active_base_power_w=30.0, compute_power_w=270.0, memory_power_w=70.0, kv_power_w=40.0,
+                        voltage_floor=0.7, voltage_knee=0.65)
+    truth_engine = EngineOverheads(step_s=0.001, layer_latency_s=1e-5, expert_latency_s=8e-6, moe_tile_tokens=48.0,
+                                   expert_bandwidth_fraction=0.8, expert_gemm_half_dim=250.0,
+                                   expert_compute_fraction=0.9)
+    rows = pals()[pals()["max_num_seqs"].isin([1, 8, 64])].reset_index(drop=True)
+    preds = [analytic_row(r, row_physics(r, truth_gpu, truth_engine)) for r in rows.itertuples(index=False)]
+    rows["throughput_tokens_per_s"] = [p.throughput_tokens_per_s for p in preds]
+    rows["power_w_per_gpu"] = [p.power_w_per_gpu for p in preds]
+    return rows
+
+
+def test_held_out_checks_on_data_from_the_physics_itself():
+    # Where the data follow the physics, the fit machinery meets the issue's held-out targets; what it misses on
+    # real data is the physics, not the fitting. The small-expert models share their experts' shape with the
+    # models left in, so each is predicted almost exactly; Mixtral's large experts are where three small-expert
+    # models pin the parameters least.
+    rows = synthetic_rows()
+    folds = {f.held_out[0]: f.mape for f in held_out_errors(rows, "a100-sxm4-80gb", "model")}
+    assert set(folds) == set(rows["model"])
+    for model, figures in folds.items():
+        assert figures["throughput_tokens_per_s"] <= 10.0 and figures["power_w_per_gpu"] <= 6.0, (model, figures)
+        if model != "mixtral-8x7b":
+            assert figures["throughput_tokens_per_s"] <= 1.0 and figures["power_w_per_gpu"] <= 1.0, (model, figures)
+    (caps,) = held_out_errors(rows, "a100-sxm4-80gb", "power_cap_w", list(TRAIN_CAPS))
+    assert caps.held_out == (100.0, 200.0, 300.0, 350.0) and caps.train_rows == 36 and caps.test_rows == 48
+    assert caps.mape["throughput_tokens_per_s"] <= 5.0 and caps.mape["power_w_per_gpu"] <= 4.0
+
+
+def test_holdout_cli_prints_and_writes_its_folds_and_rejects_bad_options(tmp_path):
+    table = tmp_path / "t.csv"
+    write_table(pals()[pals()["max_num_seqs"].isin([1, 64])], table)
+    cli = [sys.executable, "-m", "sim.cli", "holdout", str(table)]
+    out = subprocess.run([*cli, "--by", "power_cap_w", "--train", "150,400", "--out", str(tmp_path / "h")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "throughput MAPE" in out.stdout
+    doc = json.loads((tmp_path / "h" / "holdout.json").read_text())
+    (fold,) = doc["folds"]["a100-sxm4-80gb"]
+    assert fold["held_out"] == [100.0, 200.0, 250.0, 300.0, 350.0]
+    assert fold["train_rows"] == 16 and fold["test_rows"] == 40
+    assert set(fold["mape_percent"]) == {"throughput_tokens_per_s", "power_w_per_gpu"}
+    for bad, message in ((["--by", "cap"], "--by 'cap': expected one of model, power_cap_w"),
+                         (["--by", "power_cap_w", "--train", "150,999"], "--train [999.0]: no rows with power_cap_w")):
+        out = subprocess.run([*cli, *bad], capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_calibrate_cli_writes_where_told_with_its_provenance(tmp_path):
     table = tmp_path / "pals.csv"
     write_table(pals()[pals()["model"] == "mixtral-8x7b"], table)
@@ -235,14 +274,13 @@ def test_validate_cli_writes_its_three_files_and_rejects_unknown_models(tmp_path
 TRAIN_CAPS = (150, 250, 400)
 
 
+# The closed form the fit uses predicts the held-out rows (it equals the simulator within 0.1 % on static batches
+# and a few % on saturated ones: see the agreement test).
 @cache
 def leave_caps_out() -> dict[str, float]:
-    t = pals()
-    result = fit(t[t["power_cap_w"].isin(TRAIN_CAPS)], "a100-sxm4-80gb")
-    held = t[~t["power_cap_w"].isin(TRAIN_CAPS)]
-    figures = simulated_mape(result, held)
-    print(f"\nPALS A100 leave-caps-out (fit 150/250/400 W, predict 100/200/300/350 W): {figures}")
-    return figures
+    (fold,) = held_out_errors(pals(), "a100-sxm4-80gb", "power_cap_w", list(TRAIN_CAPS))
+    print(f"\nPALS A100 leave-caps-out (fit 150/250/400 W, predict 100/200/300/350 W): {fold.mape}")
+    return fold.mape
 
 
 def test_leave_caps_out_power():
@@ -257,12 +295,11 @@ def test_leave_caps_out_throughput():
 
 
 @cache
-def leave_one_model_out(model: str) -> dict[str, float]:
-    t = pals()
-    result = fit(t[t["model"] != model], "a100-sxm4-80gb")
-    figures = simulated_mape(result, t[t["model"] == model])
-    print(f"\nPALS A100 leave-one-model-out, {model}: {figures}")
-    return figures
+def leave_one_model_out() -> dict[str, dict[str, float]]:
+    folds = {f.held_out[0]: f.mape for f in held_out_errors(pals(), "a100-sxm4-80gb", "model")}
+    for model, figures in folds.items():
+        print(f"\nPALS A100 leave-one-model-out, {model}: {figures}")
+    return folds
 
 
 MISSES = pytest.mark.xfail(reason="targets 10 % / 6 % not reached for this held-out model", strict=False)
@@ -272,18 +309,15 @@ MISSES = pytest.mark.xfail(reason="targets 10 % / 6 % not reached for this held-
                                    pytest.param("mixtral-8x7b", marks=MISSES),
                                    pytest.param("olmoe-1b-7b", marks=MISSES)])
 def test_leave_one_model_out(model):
-    figures = leave_one_model_out(model)
+    figures = leave_one_model_out()[model]
     assert figures["throughput_tokens_per_s"] <= 10.0 and figures["power_w_per_gpu"] <= 6.0
 
 
 def test_mlenergy_leave_one_model_out():
-    t = mlenergy_h100()
     worst: dict[str, float] = {}
-    for model in sorted(set(t["model"])):
-        result = fit(t[t["model"] != model], "h100-sxm")
-        figures = simulated_mape(result, t[t["model"] == model])
-        print(f"\nML.ENERGY H100 leave-one-model-out, {model}: {figures}")
-        for k, v in figures.items():
+    for fold in held_out_errors(mlenergy_h100(), "h100-sxm", "model"):
+        print(f"\nML.ENERGY H100 leave-one-model-out, {fold.held_out[0]}: {fold.mape}")
+        for k, v in fold.mape.items():
             worst[k] = max(worst.get(k, 0.0), v)
     print(f"worst: {worst}")
     # Each held-out model predicted from its config alone stays within these bounds (targets: 12 / 12 / 15 %,

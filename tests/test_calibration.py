@@ -141,22 +141,29 @@ def test_fit_recovers_known_parameters_from_synthetic_data():
     assert result.mape["power_w_per_gpu"] < 1.0
 
 
-@cache
-def noisy_fits() -> tuple[dict[str, float], FitResult, FitResult]:
-    """Fits to rows generated with known parameters, with 3 % and 6 % log-normal noise (the same draws, scaled)."""
-    truth_gpu = with_params(datasheet_gpu("a100-sxm4-80gb"), datasheet_gpu("a100-sxm4-80gb"))
-    truth_engine = EngineOverheads(step_s=0.003, layer_latency_s=2e-5, expert_latency_s=5e-6)
+# Known parameters away from the first estimates the fit starts from.
+TRUTH_GPU = replace(datasheet_gpu("a100-sxm4-80gb"), compute_efficiency=0.5, memory_efficiency=0.7,
+                    active_base_power_w=30.0, compute_power_w=270.0, memory_power_w=70.0, kv_power_w=40.0,
+                    voltage_floor=0.7, voltage_knee=0.65)
+TRUTH_ENGINE = EngineOverheads(step_s=0.001, layer_latency_s=1e-5, expert_latency_s=8e-6, moe_tile_tokens=48.0,
+                               expert_bandwidth_fraction=0.8, expert_gemm_half_dim=250.0, expert_compute_fraction=0.9)
+
+
+def synthetic_rows(noise: float = 0.0) -> pd.DataFrame:
+    """PALS's design (4 models, every cap, batches 1/8/64) measured on the physics itself with the known
+    parameters, with log-normal noise of this spread on throughput and power (seeded: the same draws, scaled)."""
     rows = pals()[pals()["max_num_seqs"].isin([1, 8, 64])].reset_index(drop=True)
-    preds = [analytic_row(r, row_physics(r, truth_gpu, truth_engine)) for r in rows.itertuples(index=False)]
+    preds = [analytic_row(r, row_physics(r, TRUTH_GPU, TRUTH_ENGINE)) for r in rows.itertuples(index=False)]
     draws = np.random.default_rng(7).standard_normal((2, len(rows)))
-    fits = []
-    for sigma in (0.03, 0.06):
-        noisy = rows.copy()
-        noisy["throughput_tokens_per_s"] = [p.throughput_tokens_per_s for p in preds] * np.exp(sigma * draws[0])
-        noisy["power_w_per_gpu"] = [p.power_w_per_gpu for p in preds] * np.exp(sigma * draws[1])
-        fits.append(fit(noisy, "a100-sxm4-80gb", max_evals=200))
-    truth = {p.name: getattr(truth_gpu if p.part == "gpu" else truth_engine, p.name) for p in PARAMS}
-    return truth, fits[0], fits[1]
+    rows["throughput_tokens_per_s"] = [p.throughput_tokens_per_s for p in preds] * np.exp(noise * draws[0])
+    rows["power_w_per_gpu"] = [p.power_w_per_gpu for p in preds] * np.exp(noise * draws[1])
+    return rows
+
+
+@cache
+def noisy_fits() -> tuple[FitResult, FitResult]:
+    """Fits to the synthetic rows with 3 % and 6 % noise."""
+    return tuple(fit(synthetic_rows(noise), "a100-sxm4-80gb", max_evals=200) for noise in (0.03, 0.06))
 
 
 WELL_DETERMINED = ("compute_efficiency", "idle_power_w", "compute_power_w", "voltage_floor")
@@ -164,35 +171,19 @@ WELL_DETERMINED = ("compute_efficiency", "idle_power_w", "compute_power_w", "vol
 
 def test_standard_errors_cover_the_truth_on_noisy_synthetic_data():
     # The Gauss-Newton standard error is a 1-sigma estimate: the known parameters lie within a few of them.
-    truth, result, _ = noisy_fits()
+    result, _ = noisy_fits()
     for name in WELL_DETERMINED:
-        value = getattr(result.gpu, name)
+        value, truth = getattr(result.gpu, name), getattr(TRUTH_GPU, name)
         assert math.isfinite(result.std[name]) and result.std[name] > 0, name
-        assert abs(value - truth[name]) <= 4 * result.std[name], (name, value, truth[name], result.std[name])
+        assert abs(value - truth) <= 4 * result.std[name], (name, value, truth, result.std[name])
 
 
 def test_standard_errors_grow_with_the_noise():
     # The model fits noiseless rows exactly, so the residuals are the noise: doubling it doubles the residual
     # spread and so (the Jacobian barely moving) every standard error.
-    _, low, high = noisy_fits()
+    low, high = noisy_fits()
     for name in WELL_DETERMINED:
         assert 1.6 <= high.std[name] / low.std[name] <= 2.5, (name, low.std[name], high.std[name])
-
-
-def synthetic_rows() -> pd.DataFrame:
-    """PALS's design (4 models, every cap, batches 1/8/64) measured on the physics itself, with parameters away
-    from the first estimates the fit starts from."""
-    truth_gpu = replace(datasheet_gpu("a100-sxm4-80gb"), compute_efficiency=0.5, memory_efficiency=0.7,
-                        active_base_power_w=30.0, compute_power_w=270.0, memory_power_w=70.0, kv_power_w=40.0,
-                        voltage_floor=0.7, voltage_knee=0.65)
-    truth_engine = EngineOverheads(step_s=0.001, layer_latency_s=1e-5, expert_latency_s=8e-6, moe_tile_tokens=48.0,
-                                   expert_bandwidth_fraction=0.8, expert_gemm_half_dim=250.0,
-                                   expert_compute_fraction=0.9)
-    rows = pals()[pals()["max_num_seqs"].isin([1, 8, 64])].reset_index(drop=True)
-    preds = [analytic_row(r, row_physics(r, truth_gpu, truth_engine)) for r in rows.itertuples(index=False)]
-    rows["throughput_tokens_per_s"] = [p.throughput_tokens_per_s for p in preds]
-    rows["power_w_per_gpu"] = [p.power_w_per_gpu for p in preds]
-    return rows
 
 
 def test_held_out_checks_on_data_from_the_physics_itself():

@@ -75,7 +75,7 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
     budget = max_num_batched_tokens(row)
     kv = kv_capacity_tokens(phys, 0.9, budget)
     model = PhysicsModel(phys, replicas, row.prompt_tokens_mean, row.output_tokens_mean, budget, static_batches=static,
-                         kv_capacity_tokens=kv)
+                         kv_capacity_tokens=kv, output_tokens_cv=getattr(row, "output_tokens_cv", 0.0))
     pred = model.predict(row.power_cap_w, int(row.max_num_seqs))
     return RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
                          model.median_step_s(row.power_cap_w, int(row.max_num_seqs)))
@@ -92,9 +92,15 @@ def row_scenario(row: Any, seed: int = 0) -> Scenario:
                                     "output_tokens": output, "requests": STATIC_BATCHES_PER_ROW * b * replicas}
         duration = 1e6  # the run ends when the last batch has finished
     else:
-        # Output lengths vary (uniform on [1, 2·mean - 1]) so that finishes, and so prefills, are staggered.
-        workload = {"kind": "closed-loop", "clients": b * replicas, "prompt_tokens": prompt,
-                    "output_tokens": {"dist": "uniform", "low": 1, "high": max(1, 2 * output - 1)}}
+        # Output lengths vary so that finishes, and so prefills, are staggered: log-normal with the row's mean
+        # and coefficient of variation, or, where the row gives none, uniform on [1, 2·mean - 1].
+        cv = float(getattr(row, "output_tokens_cv", 0.0))
+        lengths: dict[str, Any] = {"dist": "uniform", "low": 1, "high": max(1, 2 * output - 1)}
+        if cv > 0.0:
+            spread = 1.0 + cv * cv
+            lengths = {"dist": "lognormal", "median": row.output_tokens_mean / math.sqrt(spread),
+                       "sigma": math.sqrt(math.log(spread))}
+        workload = {"kind": "closed-loop", "clients": b * replicas, "prompt_tokens": prompt, "output_tokens": lengths}
         itl = analytic_row(row, row_physics(row)).itl_median_s
         duration = max(30.0, SATURATE_OUTPUT_LENGTHS * output * itl)
     data = {

@@ -5,8 +5,9 @@ context. Per GPU of a replica (the busiest rank under expert parallelism) its pa
 
 * compute  ``C / (peak · eff_c · f)`` — tensor-core work scales with the SM clock fraction ``f``;
 * memory   ``M / (bw · eff_m · g(f))`` — weights actually read (dense part, plus the distinct experts the
-  batch touches) and KV bytes; HBM does not speed up with the SM clock, but below a knee clock the SMs
-  cannot keep it saturated: ``g(f) = min(1, f / knee)``;
+  batch touches: under expert parallelism, those of the rank that holds the most of them) and KV bytes; HBM
+  does not speed up with the SM clock, but below a knee clock the SMs cannot keep it saturated:
+  ``g(f) = min(1, f / knee)``;
 * communication — TP all-reduces (two per layer) and EP all-to-alls (dispatch + combine per MoE layer),
   bytes over link bandwidth plus a latency per collective; independent of the SM clock;
 * kernel latency ``L·λ / f`` — ``L`` layers, each costing ``λ`` of launch gaps and latency-bound small kernels
@@ -44,6 +45,7 @@ from sim.catalog.models import ModelSpec
 from sim.routing import ExpertPopularity, busiest_rank_factor
 
 ACT_BYTES = 2.0  # activations exchanged in bf16
+EXPERT_LATENCY_COLUMNS = 1024.0  # ``expert_latency_s`` is quoted per this many output columns of an expert's GEMMs
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,10 @@ class EngineOverheads:
     GEMM: each touched expert computes whole tiles, so a few tokens per expert cost a full tile;
     ``expert_bandwidth_fraction`` is the share of the achieved HBM bandwidth the fused-MoE kernels reach when
     streaming expert weights (many small GEMMs, one per touched expert); ``expert_latency_s`` is GPU time per
-    touched expert per MoE layer at the max clock (its GEMMs' fixed cost: tile scheduling and pipeline fill),
-    which makes fine-grained MoE models (many small experts) slower than their bytes alone say;
+    touched expert per MoE layer at the max clock for every 1,024 output columns of its GEMMs on one GPU
+    (``2·width`` for gate and up, ``hidden`` for down): the GEMMs are tiled over their output columns and each
+    tile has a fixed cost (scheduling, pipeline fill), which makes fine-grained MoE models (many small experts)
+    slower than their bytes alone say, and a wide expert dearer per touch than a narrow slice;
     ``expert_compute_fraction`` is the share of the dense GEMMs' FLOP rate the fused-MoE kernels reach on wide
     experts, and ``expert_gemm_half_dim`` the expert GEMM width (intermediate size on one GPU) at which they reach
     half of that: an expert slice ``n`` wide computes at ``fraction · n / (n + half_dim)`` of the dense rate
@@ -151,7 +155,11 @@ class ReplicaPhysics:
         self._dense_flops_per_token = 2.0 * m.dense_params / ranks
         self._lm_head_flops_per_row = 2.0 * lm_head / ranks
         self._tile = max(1.0, self.overheads.moe_tile_tokens)
-        self._expert_latency_per_distinct = m.num_moe_layers * self.overheads.expert_latency_s / self.ep_ranks
+        # A touched expert's GEMMs are tiled over their output columns (2·width for gate and up, hidden for down),
+        # each tile with a fixed cost: the latency is quoted per 1,024 of those columns.
+        expert_columns = (2.0 * m.expert_intermediate_size / (1 if self.ep_ranks > 1 else tp) + m.hidden_size)
+        self._expert_latency_per_distinct = (m.num_moe_layers * self.overheads.expert_latency_s
+                                             * expert_columns / EXPERT_LATENCY_COLUMNS)
         # Expert GEMMs run at n / (n + half_dim) of the dense rate, n the expert width on one GPU: whole experts
         # under expert parallelism, a 1/tp slice of each under tensor parallelism.
         expert_width = m.expert_intermediate_size / (1 if self.ep_ranks > 1 else tp)
@@ -163,7 +171,8 @@ class ReplicaPhysics:
         self._attn_flops_windowed = m.attn_flops_per_context_token_windowed / ranks
         # Weight bytes streamed per step, per GPU (input embedding is gathered, not streamed).
         self._dense_bytes = (m.dense_params + lm_head) * m.weight_bytes_per_param / tp
-        expert_shards = self.ep_ranks if self.ep_ranks > 1 else tp
+        # Per expert the busiest GPU touches: a whole expert under expert parallelism, a 1/tp slice otherwise.
+        expert_shards = 1 if self.ep_ranks > 1 else tp
         self._expert_bytes_per_distinct = (m.num_moe_layers * m.expert_weight_bytes / expert_shards
                                            / max(1e-3, self.overheads.expert_bandwidth_fraction))
         # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;
@@ -190,6 +199,7 @@ class ReplicaPhysics:
         self._collective_latency_s = self._collectives * gpu.collective_latency_s
         self._latency_s = m.num_layers * self.overheads.layer_latency_s
         self._distinct_cache: dict[int, float] = {}
+        self._busiest_cache: dict[int, float] = {}
         self._p_full = gpu.idle_power_w + gpu.active_base_power_w  # static power at the max clock
         # The lowest effective clock the governor may choose: the lowest clock, gated down to MIN_DUTY_CYCLE.
         self.lowest_clock = gpu.min_clock_fraction * MIN_DUTY_CYCLE
@@ -206,6 +216,17 @@ class ReplicaPhysics:
         if d is None:
             d = self.popularity.expected_distinct(num_tokens)
             self._distinct_cache[num_tokens] = d
+        return d
+
+    def busiest_gpu_experts(self, num_tokens: int) -> float:
+        """Experts per MoE layer whose weights the busiest GPU reads: under expert parallelism the expected
+        most touched on one rank, otherwise a slice of every touched expert (``distinct_experts``)."""
+        if self.popularity is None or self.ep_ranks <= 1:
+            return self.distinct_experts(num_tokens)
+        d = self._busiest_cache.get(num_tokens)
+        if d is None:
+            d = self.popularity.busiest_rank_distinct(num_tokens, self.ep_ranks)
+            self._busiest_cache[num_tokens] = d
         return d
 
     def padded_expert_rows(self, num_tokens: int, distinct: float) -> float:
@@ -240,8 +261,9 @@ class ReplicaPhysics:
             distinct = self.distinct_experts(num_tokens)
             expert_flops = (self._expert_flops_per_row * self.padded_expert_rows(num_tokens, distinct)
                             * busiest_rank_factor(num_tokens, self.model.experts_per_token, self.ep_ranks))
-            mem += self._expert_bytes_per_distinct * distinct
-            latency += self._expert_latency_per_distinct * distinct
+            touched = self.busiest_gpu_experts(num_tokens)
+            mem += self._expert_bytes_per_distinct * touched
+            latency += self._expert_latency_per_distinct * touched
         comm = (self._allreduce_s_per_token + self._alltoall_s_per_token) * num_tokens + self._collective_latency_s
         o = self.overheads
         host = o.step_s + o.per_seq_s * num_seqs + o.per_request_s * num_new

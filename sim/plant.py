@@ -91,15 +91,18 @@ class DeploymentRuntime:
         self._rr = 0
         self.source = RequestSource(env, scenario, index, self.submit, rng)
         self.source.on_exhausted = plant.check_done
-        prompt_mean, output_mean = token_means(scenario, index)
-        self.perf_model = PhysicsModel(self.phys, cfg.replicas, prompt_mean, output_mean,
+        tokens = token_means(scenario, index)
+        self.perf_model = PhysicsModel(self.phys, cfg.replicas, tokens.prompt_tokens_mean, tokens.output_tokens_mean,
                                   cfg.engine.max_num_batched_tokens,
-                                  static_batches=isinstance(cfg.workload, StaticBatchesWorkload))
+                                  static_batches=isinstance(cfg.workload, StaticBatchesWorkload),
+                                  kv_capacity_tokens=self.kv_capacity_tokens,
+                                  output_tokens_cv=tokens.output_tokens_cv)
         self.target_tokens_per_s = resolve_target(cfg, self.perf_model, self.gpu_spec.power_limit_max_w)
         c = scenario.control
         self.offline_model: PerformanceModel = self.perf_model
         if c.offline_model == "random_forest" and c.policy not in ("static", "oracle"):
-            self.offline_model = random_forest_for(scenario, index, len(self.gpus), prompt_mean, output_mean)
+            self.offline_model = random_forest_for(scenario, index, len(self.gpus), tokens.prompt_tokens_mean,
+                                                   tokens.output_tokens_mean)
         self.controller: Controller = build_controller(c.policy, ControllerContext(
             deployment=cfg.name, num_gpus=len(self.gpus),
             power_limit_range_w=(self.gpu_spec.power_limit_min_w, self.gpu_spec.power_limit_max_w),

@@ -3,7 +3,11 @@
 Columns (units in the names; ``itl_median_s`` may be empty):
 
 ``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
-prompt_tokens_mean, output_tokens_mean, throughput_tokens_per_s, power_w_per_gpu, itl_median_s``
+prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s``
+
+``output_tokens_cv`` (optional, 0 when absent) is the coefficient of variation (std / mean) of the output
+lengths. Under continuous batching it sets how much context the running sequences carry: a long request stays
+in the batch longer, so the time-averaged decode context is ``P + O·(1 + cv²)/2``, not ``P + O/2``.
 
 ``workload`` is ``static-batches`` (batches of ``max_num_seqs`` prompts, the next when the previous has
 finished: the PALS way) or ``saturate`` (enough clients to keep ``max_num_seqs`` sequences running: the
@@ -28,10 +32,11 @@ from sim.errors import PalsError
 from sim.io import write_text_atomic
 
 COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
-           "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s",
-           "power_w_per_gpu", "itl_median_s")
+           "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "output_tokens_cv",
+           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s")
 WORKLOADS = ("static-batches", "saturate")
 _INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
+_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan}  # columns a table may leave out
 _POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
 
 # Hugging Face ids in the public datasets → catalog names.
@@ -71,12 +76,13 @@ def _dtype(col: str) -> str:
 
 def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
     """Check a table's columns and values and give them their types; errors name ``where``, line and field."""
-    missing = [c for c in COLUMNS if c not in rows.columns and c != "itl_median_s"]
+    missing = [c for c in COLUMNS if c not in rows.columns and c not in _OPTIONAL]
     if missing:
         raise ProfileError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
     df = rows.copy()
-    if "itl_median_s" not in df.columns:
-        df["itl_median_s"] = math.nan
+    for col, default in _OPTIONAL.items():
+        if col not in df.columns:
+            df[col] = default
     for col in COLUMNS:
         if _dtype(col) == "object":
             bad = df[col].isna() | (df[col].astype(str).str.strip() == "")
@@ -96,6 +102,8 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
                 _raise_first(values <= 0, df, where, col, "a positive number")
             elif col == "itl_median_s":
                 _raise_first(values <= 0, df, where, col, "a positive number or empty")
+            else:
+                _raise_first(values < 0, df, where, col, "a non-negative number")
             df[col] = values.astype("float64")
     _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
     return df[list(COLUMNS)].reset_index(drop=True)
@@ -164,18 +172,35 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
                     continue
                 par = c["parallelization"]
                 n = int(c["num_gpus"])
+                # The benchmark starts vLLM with --tensor-parallel-size equal to the GPU count (data parallel 1);
+                # the file's tensor_parallel describes the MoE layers, whose experts expert parallelism spreads
+                # whole over the same GPUs. Attention and the dense layers are tensor-parallel over all of them.
+                tensor = n // max(1, int(par["data_parallel"]))
                 rows.append({
                     "source": "mlenergy_v3", "gpu": gpu, "model": model, "num_gpus": n,
-                    "tensor_parallel": int(par["tensor_parallel"]), "expert_parallel": int(par["expert_parallel"]),
+                    "tensor_parallel": tensor, "expert_parallel": int(par["expert_parallel"]),
                     "power_cap_w": GPUS[gpu].default_power_limit_w, "max_num_seqs": int(c["max_num_seqs"]),
                     "workload": "saturate", "prompt_tokens_mean": prompt_tokens_mean,
                     "output_tokens_mean": float(c["avg_output_len"]),
+                    "output_tokens_cv": histogram_cv(c["output_length_distribution"]),
                     "throughput_tokens_per_s": float(c["output_throughput_tokens_per_sec"]),
                     "power_w_per_gpu": float(c["avg_power_watts"]) / n,
                     "itl_median_s": float(c["median_itl_ms"]) / 1000.0})
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
     return normalise(pd.DataFrame(rows, columns=list(COLUMNS)), str(p))
+
+
+def histogram_cv(histogram: dict[str, Any]) -> float:
+    """Coefficient of variation of a length histogram (``bins``: edges, ``counts``: one per bin), each bin at its
+    middle."""
+    edges = np.asarray(histogram["bins"], dtype=float)
+    counts = np.asarray(histogram["counts"], dtype=float)
+    if len(edges) != len(counts) + 1 or counts.sum() <= 0:
+        raise ValueError(f"expected len(bins) = len(counts) + 1 and some counts, got {len(edges)} and {len(counts)}")
+    mid = 0.5 * (edges[:-1] + edges[1:])
+    mean = float(np.average(mid, weights=counts))
+    return float(np.sqrt(np.average((mid - mean) ** 2, weights=counts)) / mean)
 
 
 def import_argonne(path: str | Path) -> pd.DataFrame:
@@ -233,7 +258,7 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
         raise ProfileError(f"--workload {kind!r}: expected one of {', '.join(WORKLOADS)}")
     if not isinstance(dep.model, str):
         raise ProfileError(f"deployments[{deployment_index}].model: profiling needs a catalog model name")
-    prompt, output = token_means(scenario, deployment_index)
+    prompt, output, output_cv = token_means(scenario, deployment_index)
     gpu = GPUS[dep.gpu]
     bad = [c for c in caps_w if not gpu.power_limit_min_w <= c <= gpu.power_limit_max_w]
     if bad:
@@ -248,7 +273,8 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
                              "tensor_parallel": par.tensor,
                              "expert_parallel": par.tensor * par.data if par.expert else 1,
                              "power_cap_w": float(cap), "max_num_seqs": int(b), "workload": kind,
-                             "prompt_tokens_mean": prompt, "output_tokens_mean": output})
+                             "prompt_tokens_mean": prompt, "output_tokens_mean": output,
+                             "output_tokens_cv": output_cv})
             p = simulate_row(row)
             rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
                          "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s})

@@ -9,6 +9,7 @@ batches touch them all. Popularity is uniform, Zipf, or measured counts.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,38 @@ class ExpertPopularity:
         if num_tokens <= 0:
             return 0.0
         return float(sum(1.0 - (1.0 - q) ** num_tokens for q in self.select_prob))
+
+
+    def busiest_rank_distinct(self, num_tokens: int, num_ranks: int) -> float:
+        """Expected distinct experts touched on the busiest of ``num_ranks`` expert-parallel ranks.
+
+        Rank ``r`` holds a contiguous block of the experts (as vLLM places them). Expert ``e`` is touched with
+        probability ``p_e = 1 - (1 - q_e)^n``; treating experts as independent, a rank's count of touched
+        experts is Poisson-binomial, computed exactly, and the expected maximum over ranks is
+        ``sum_k P(max >= k) = sum_k 1 - prod_r P(count_r < k)``. A small batch touches few experts and some
+        ranks many more than others: the step waits for the rank with the most expert weights to read.
+        """
+        if num_tokens <= 0:
+            return 0.0
+        return _busiest_rank_distinct(self.select_prob, num_tokens, num_ranks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _busiest_rank_distinct(select_prob: tuple[float, ...], num_tokens: int, num_ranks: int) -> float:
+    p = 1.0 - (1.0 - np.asarray(select_prob, dtype=float)) ** num_tokens
+    if num_ranks <= 1:
+        return float(p.sum())
+    blocks = np.array_split(p, num_ranks)
+    size = max(len(b) for b in blocks)
+    below = np.ones(size)  # prod_r P(count_r < k) for k = 1..size
+    for block in blocks:
+        pmf = np.zeros(size + 1)
+        pmf[0] = 1.0
+        for pe in block:  # add one Bernoulli(pe) to the count
+            pmf[1:] = pmf[1:] * (1.0 - pe) + pmf[:-1] * pe
+            pmf[0] *= 1.0 - pe
+        below *= np.cumsum(pmf)[:size]
+    return float(np.sum(1.0 - below))
 
 
 def expected_distinct_uniform(num_experts: int, top_k: int, num_tokens: int) -> float:

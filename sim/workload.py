@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -353,18 +354,29 @@ class RequestSource:
                 self._static_batch()
 
 
-def token_means(scenario: Scenario, deployment_index: int) -> tuple[float, float]:
-    """Mean prompt and output tokens of a deployment's workload (what an offline model plans for).
+class TokenStats(NamedTuple):
+    """What an offline model plans for: the mean prompt and output lengths of a workload, and how much the
+    output lengths vary (coefficient of variation, std / mean)."""
 
-    Traces: the file's means. Generated workloads: the means of 8,192 draws from a stream of its own, so the
-    workload's own random streams are untouched.
+    prompt_tokens_mean: float
+    output_tokens_mean: float
+    output_tokens_cv: float
+
+
+def token_means(scenario: Scenario, deployment_index: int) -> TokenStats:
+    """Mean prompt and output tokens of a deployment's workload, and the output lengths' variation.
+
+    Traces: the file's. Generated workloads: those of 8,192 draws from a stream of its own, so the workload's
+    own random streams are untouched.
     """
     w = scenario.deployments[deployment_index].workload
     if isinstance(w, TraceWorkload):
         df = load_trace(scenario.resolve_path(w.path), w.format)
         if w.requests is not None:
             df = df.iloc[: w.requests]
-        return float(df["prompt_tokens"].mean()), float(df["output_tokens"].mean())
-    rng = np.random.default_rng(np.random.SeedSequence([scenario.seed, deployment_index, 0x70C3]))
-    return (float(sample_tokens(w.prompt_tokens, 8192, rng).mean()),
-            float(sample_tokens(w.output_tokens, 8192, rng).mean()))
+        prompts, outputs = df["prompt_tokens"].to_numpy(float), df["output_tokens"].to_numpy(float)
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence([scenario.seed, deployment_index, 0x70C3]))
+        prompts = sample_tokens(w.prompt_tokens, 8192, rng).astype(float)
+        outputs = sample_tokens(w.output_tokens, 8192, rng).astype(float)
+    return TokenStats(float(prompts.mean()), float(outputs.mean()), float(outputs.std() / outputs.mean()))

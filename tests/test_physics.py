@@ -149,6 +149,57 @@ def test_measured_routing_counts_load_and_are_skewed():
     assert pop.expected_distinct(2) < expected_distinct_uniform(8, 2, 2)
 
 
+def test_busiest_rank_distinct_experts_matches_monte_carlo():
+    # Real routing (each token picks k distinct experts), experts in contiguous blocks per rank: Qwen3-235B-A22B
+    # under EP8 (128 experts, top-8) and OLMoE under EP4 (64 experts, top-8).
+    rng = np.random.default_rng(1)
+    for experts, ranks in ((128, 8), (64, 4)):
+        pop = ExpertPopularity.uniform(experts, 8)
+        for n in (1, 8, 32):
+            block = experts // ranks
+            most = [np.bincount(np.unique([rng.choice(experts, 8, replace=False) for _ in range(n)]) // block,
+                                minlength=ranks).max() for _ in range(3000)]
+            assert pop.busiest_rank_distinct(n, ranks) == pytest.approx(np.mean(most), rel=0.03), (experts, n)
+    # Skewed popularity: the maximum over ranks of independent touches with each expert's probability is exact.
+    pop = ExpertPopularity.zipf(64, 8, 0.8)
+    p = 1 - (1 - np.asarray(pop.select_prob)) ** 4
+    most = (rng.random((20000, 64)) < p).reshape(20000, 4, 16).sum(axis=2).max(axis=1)
+    assert pop.busiest_rank_distinct(4, 4) == pytest.approx(most.mean(), rel=0.01)
+    u = ExpertPopularity.uniform(128, 8)
+    # One rank holds everything: the mean; a small batch: the busiest rank reads well over the mean share.
+    assert u.busiest_rank_distinct(8, 1) == pytest.approx(u.expected_distinct(8))
+    assert u.busiest_rank_distinct(8, 8) > 1.3 * u.expected_distinct(8) / 8
+    assert u.busiest_rank_distinct(512, 8) == pytest.approx(16.0, rel=1e-6)
+
+
+def test_expert_parallel_reads_the_busiest_ranks_experts_and_tensor_parallel_a_slice_of_each():
+    m = load_model("qwen3-30b-a3b")
+    gpu = GPUS["h100-sxm"]
+    ep = ReplicaPhysics(m, gpu, Parallelism(tensor=4, expert=True))
+    tp = ReplicaPhysics(m, gpu, Parallelism(tensor=4))
+    dense = ReplicaPhysics(m, gpu, Parallelism(tensor=4)).step_work(8, 8, 8, 0, 0).memory_s \
+        - tp.distinct_experts(8) * m.num_moe_layers * m.expert_weight_bytes / 4 / tp._bw
+    expert_bytes = m.num_moe_layers * m.expert_weight_bytes / ep._bw
+    assert ep.step_work(8, 8, 8, 0, 0).memory_s == pytest.approx(dense + ep.busiest_gpu_experts(8) * expert_bytes)
+    assert ep.busiest_gpu_experts(8) == pytest.approx(ep.popularity.busiest_rank_distinct(8, 4))
+
+
+def test_expert_latency_is_per_output_column_of_the_touched_experts():
+    # Each touched expert's GEMMs cost a fixed time per tile of output columns: 2 x width (gate, up) + hidden.
+    from sim.physics import EngineOverheads
+
+    lam = 2e-6
+    for name, par, width in (("olmoe-1b-7b", Parallelism(tensor=4), 1024 / 4),
+                             ("mixtral-8x7b", Parallelism(tensor=4), 14336 / 4),
+                             ("qwen3-30b-a3b", Parallelism(tensor=2, expert=True), 768)):
+        m = load_model(name)
+        with_lat = ReplicaPhysics(m, GPUS["a100-sxm4-80gb"], par, EngineOverheads(expert_latency_s=lam))
+        without = ReplicaPhysics(m, GPUS["a100-sxm4-80gb"], par, EngineOverheads())
+        extra = with_lat.step_work(16, 16, 16, 0, 0).latency_s - without.step_work(16, 16, 16, 0, 0).latency_s
+        columns = 2 * width + m.hidden_size
+        assert extra == pytest.approx(m.num_moe_layers * with_lat.busiest_gpu_experts(16) * lam * columns / 1024)
+
+
 def test_busiest_rank_factor_grows_with_ranks_and_shrinks_with_tokens():
     assert busiest_rank_factor(100, 2, 1) == 1.0
     assert busiest_rank_factor(8, 2, 8) > busiest_rank_factor(8, 2, 2) > 1.0
@@ -206,3 +257,14 @@ def test_against_pals_a100_measurements():
         assert sim_ratio < 1.0 and meas_ratio < 1.0  # both lose throughput under the lower cap
     print(f"PALS A100 batch 64, caps 200/400 W: per-GPU power MAPE {100 * np.mean(errors):.1f} %")
     assert np.mean(errors) < 0.2
+
+
+def test_a_static_batch_whose_cache_overflows_runs_at_the_concurrency_the_cache_holds():
+    from sim.control.models import PhysicsModel
+
+    phys = ReplicaPhysics(load_model("llama-2-7b"), GPUS["a100-sxm4-40gb"], Parallelism())
+    # 1,024 + 1,024 tokens: a sequence carries 1,536 tokens on average over its life; the cache holds 20 of them.
+    small = PhysicsModel(phys, 1, 1024, 1024, 65536, static_batches=True, kv_capacity_tokens=20 * 1536 + 100)
+    roomy = PhysicsModel(phys, 1, 1024, 1024, 65536, static_batches=True)
+    assert small.predict(400, 64) == roomy.predict(400, 20)
+    assert small.predict(400, 16) == roomy.predict(400, 16)

@@ -3,6 +3,9 @@
 ``PhysicsModel`` asks ``sim.physics`` for the steady state of a saturated engine: every iteration each of the
 ``b`` running sequences yields a token, and over ``O`` iterations (``P``, ``O``: mean prompt and output
 lengths) every sequence is replaced once, so ``b`` prompts are prefilled in mixed steps beside the decodes.
+A running sequence carries ``P + O·(1 + cv²)/2`` tokens of context on average (``cv``: the coefficient of
+variation of the output lengths): a request ``L`` tokens long stays ``L`` iterations, so long ones are
+over-represented in the batch (length-biased sampling; ``P + O/2`` when every output is as long).
 Static batches (the PALS profiling style) are costed batch by batch: chunked prefill of the whole batch,
 then ``O - 1`` decode iterations.
 """
@@ -58,7 +61,7 @@ class PhysicsModel(_MemoModel):
 
     def __init__(self, phys: ReplicaPhysics, replicas: int, prompt_tokens_mean: float, output_tokens_mean: float,
                  max_num_batched_tokens: int, static_batches: bool = False,
-                 kv_capacity_tokens: float = math.inf) -> None:
+                 kv_capacity_tokens: float = math.inf, output_tokens_cv: float = 0.0) -> None:
         super().__init__()
         self.phys = phys
         self.replicas = replicas
@@ -67,6 +70,7 @@ class PhysicsModel(_MemoModel):
         self.budget = max_num_batched_tokens
         self.static_batches = static_batches
         self.kv_capacity_tokens = kv_capacity_tokens
+        self.output_tokens_cv = output_tokens_cv
         self._steps: dict[tuple[float, int], list[tuple[float, float]]] = {}
 
     def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
@@ -105,19 +109,20 @@ class PhysicsModel(_MemoModel):
         p, o = self.prompt, self.output
         key = (cap_w, b)
         # The step budget bounds how many sequences can be kept running: b·(1 + P/O) tokens per iteration;
-        # the KV cache holds about b·(P + O/2) tokens.
-        b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / (p + o / 2.0)))
+        # the KV cache holds about b·(P + O·(1 + cv²)/2) tokens (the mean context of a running sequence).
+        context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
+        b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
         # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled, spread
         # over min(b, O) iterations (staggered finishes), each such step also decoding the others.
         n_mixed = max(1.0, min(b, o))
         per_step = b / n_mixed
         prefill = per_step * p
-        ctx = (b - per_step) * (p + o / 2.0)
+        ctx = (b - per_step) * context
         mixed = self.phys.step_work(max(1, round(b - per_step + prefill)), max(1, round(b)), max(1, round(b)),
                                     ctx + per_step * p * (p + 1) / 2.0, ctx + prefill, num_new=round(per_step))
         steps = [(mixed, n_mixed)]
         if o > n_mixed:
-            ctx = b * (p + o / 2.0)
+            ctx = b * context
             decode = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
             steps.append((decode, o - n_mixed))
         t, e = self._run(steps, cap_w, key)
@@ -126,6 +131,11 @@ class PhysicsModel(_MemoModel):
     def _static(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
         key = (cap_w, b)
+        # A batch whose cache does not fit runs as many sequences at once as the KV cache holds (each carrying
+        # P + O/2 tokens on average over its life); the rest wait, so the batch goes by at that concurrency.
+        fits = self.kv_capacity_tokens / (p + o / 2.0)
+        if fits < b:
+            b = max(1, math.floor(fits))
         prompt_tokens = b * p
         chunks = max(1, math.ceil(prompt_tokens / self.budget))
         chunk = prompt_tokens / chunks

@@ -254,9 +254,13 @@ def test_signal_handlers_chain_and_are_put_back() -> None:
 
 
 CHILD = """
-import json, sys, time
+import json, signal, sys, time
 from pathlib import Path
 from hil.limits import restored_power_limits
+
+# Python raises KeyboardInterrupt on SIGINT unless it started with SIGINT ignored, as a shell's background job
+# (a test runner started with `&`) does: set it as an interactive program has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class FileGpu:
     '''A Gpu whose limit lives in a JSON file, so that another process can read it.'''

@@ -90,6 +90,17 @@ def test_mlenergy_layout_and_output_length_spread_are_read_as_run():
     assert (pals()["output_tokens_cv"] == 0).all() and (argonne()["output_tokens_cv"] == 0).all()
 
 
+def test_a_broken_output_length_histogram_names_the_file_and_configuration(tmp_path):
+    src = shared_data("mlenergy_v3", "Qwen__Qwen3-8B__lm-arena-chat.json")
+    doc = json.loads(src.read_text())
+    doc["configurations"][2]["output_length_distribution"]["counts"].pop()
+    bad = tmp_path / "qwen3-8b.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"qwen3-8b.json: not an ML.ENERGY v3 model file \(configurations\[2\]: "
+                                           r".*len\(bins\) = len\(counts\) \+ 1"):
+        import_mlenergy(bad)
+
+
 def test_histogram_cv_is_exact_on_bin_middles():
     # Two bins with middles 10 and 30, equal counts: mean 20, standard deviation 10.
     assert histogram_cv({"bins": [0, 20, 40], "counts": [5, 5]}) == pytest.approx(0.5)

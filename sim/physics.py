@@ -155,14 +155,14 @@ class ReplicaPhysics:
         self._dense_flops_per_token = 2.0 * m.dense_params / ranks
         self._lm_head_flops_per_row = 2.0 * lm_head / ranks
         self._tile = max(1.0, self.overheads.moe_tile_tokens)
+        # Each GPU holds whole experts under expert parallelism, a 1/tp slice of every expert otherwise.
+        expert_shards = 1 if self.ep_ranks > 1 else tp
+        expert_width = m.expert_intermediate_size / expert_shards  # an expert's width on one GPU
         # A touched expert's GEMMs are tiled over their output columns (2·width for gate and up, hidden for down),
         # each tile with a fixed cost: the latency is quoted per 1,024 of those columns.
-        expert_columns = (2.0 * m.expert_intermediate_size / (1 if self.ep_ranks > 1 else tp) + m.hidden_size)
         self._expert_latency_per_distinct = (m.num_moe_layers * self.overheads.expert_latency_s
-                                             * expert_columns / EXPERT_LATENCY_COLUMNS)
-        # Expert GEMMs run at n / (n + half_dim) of the dense rate, n the expert width on one GPU: whole experts
-        # under expert parallelism, a 1/tp slice of each under tensor parallelism.
-        expert_width = m.expert_intermediate_size / (1 if self.ep_ranks > 1 else tp)
+                                             * (2.0 * expert_width + m.hidden_size) / EXPERT_LATENCY_COLUMNS)
+        # Expert GEMMs run at n / (n + half_dim) of the dense rate, n = expert_width.
         slowdown = (1.0 + self.overheads.expert_gemm_half_dim / expert_width) if expert_width > 0 else 1.0
         slowdown /= max(1e-3, self.overheads.expert_compute_fraction)
         self._expert_flops_per_row = 2.0 * m.num_moe_layers * m.expert_params / ranks * slowdown
@@ -171,8 +171,7 @@ class ReplicaPhysics:
         self._attn_flops_windowed = m.attn_flops_per_context_token_windowed / ranks
         # Weight bytes streamed per step, per GPU (input embedding is gathered, not streamed).
         self._dense_bytes = (m.dense_params + lm_head) * m.weight_bytes_per_param / tp
-        # Per expert the busiest GPU touches: a whole expert under expert parallelism, a 1/tp slice otherwise.
-        expert_shards = 1 if self.ep_ranks > 1 else tp
+        # Bytes per expert the busiest GPU touches (whole or a slice, as it holds them).
         self._expert_bytes_per_distinct = (m.num_moe_layers * m.expert_weight_bytes / expert_shards
                                            / max(1e-3, self.overheads.expert_bandwidth_fraction))
         # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;

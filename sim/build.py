@@ -17,9 +17,9 @@ from sim.catalog.calibration import engine_params
 from sim.catalog.gpus import GpuSpec, UnknownGpuError, get_gpu
 from sim.catalog.models import ModelConfigError, ModelSpec, load_model
 from sim.engine import kv_capacity_tokens
-from sim.physics import EngineOverheads, Parallelism, ReplicaPhysics
+from sim.physics import CUDA_GRAPH_MAX_TOKENS, EngineOverheads, Parallelism, ReplicaPhysics
 from sim.routing import ExpertPopularity
-from sim.scenario import DeploymentConfig, Scenario, ScenarioError, TraceWorkload
+from sim.scenario import DeploymentConfig, EngineConfig, Scenario, ScenarioError, TraceWorkload
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,15 @@ def build_physics(scenario: Scenario, dep: DeploymentConfig, gpu: GpuSpec | None
             if popularity.num_experts != model.num_experts:
                 raise ValueError(f"counts for {r.model!r} cover {popularity.num_experts} experts, the model has "
                                  f"{model.num_experts}")
-    return ReplicaPhysics(model, gpu, par, engine_overheads(dep, gpu.name), popularity)
+    return ReplicaPhysics(model, gpu, par, engine_overheads(dep, gpu.name), popularity,
+                          cuda_graph_max_tokens=cuda_graph_max_tokens(dep.engine))
+
+
+def cuda_graph_max_tokens(engine: EngineConfig) -> int:
+    """Largest step the engine replays as a CUDA graph: its setting, else vLLM's default."""
+    if engine.cuda_graph_max_tokens is not None:
+        return engine.cuda_graph_max_tokens
+    return min(2 * engine.max_num_seqs, CUDA_GRAPH_MAX_TOKENS)
 
 
 def engine_overheads(dep: DeploymentConfig, gpu_name: str) -> EngineOverheads:

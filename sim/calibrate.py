@@ -32,6 +32,10 @@ from sim.operating_point import RowPrediction, analytic_row, row_physics
 from sim.physics import EngineOverheads
 
 PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
+# First estimates where the engine's defaults (no such cost) would leave the fit without a gradient: an eager
+# step's launch time only shows once it exceeds the step's GPU work. vLLM launches a layer's ~20 kernels from
+# Python in a few hundred microseconds.
+FIRST_ENGINE = EngineOverheads(eager_launch_s=3e-4)
 CORRELATION_REPORTED = 0.8  # parameter pairs whose estimates correlate at least this strongly are reported
 
 
@@ -77,6 +81,7 @@ PARAMS = (
     Param("expert_latency_s", "engine", 0.0, 5e-5),
     Param("expert_gemm_half_dim", "engine", 0.0, 4096.0),
     Param("expert_compute_fraction", "engine", 0.2, 1.0),
+    Param("eager_launch_s", "engine", 0.0, 2e-3),
 )
 
 
@@ -165,7 +170,7 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     rows = table[table["gpu"].isin([gpu_name, *same_die])].reset_index(drop=True)
     if rows.empty:
         raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
-    base, engine0 = start or (datasheet_gpu(gpu_name), EngineOverheads())
+    base, engine0 = start or (datasheet_gpu(gpu_name), FIRST_ENGINE)
     lo, hi = _bounds(datasheet_gpu(gpu_name))
     x0 = np.clip(_pack(base, engine0), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
     span = hi - lo

@@ -21,7 +21,7 @@ from sim.catalog.gpus import GpuSpec, get_gpu
 from sim.catalog.models import load_model
 from sim.control.models import PhysicsModel
 from sim.engine import kv_capacity_tokens
-from sim.physics import EngineOverheads, Parallelism, ReplicaPhysics
+from sim.physics import CUDA_GRAPH_MAX_TOKENS, EngineOverheads, Parallelism, ReplicaPhysics
 from sim.scenario import Scenario, scenario_from_dict
 
 STATIC_BATCHES_PER_ROW = 3  # batches simulated per static-batches row (each one the same)
@@ -59,13 +59,25 @@ def max_num_batched_tokens(row: Any) -> int:
     return max(8192, int(row.max_num_seqs))
 
 
+def cuda_graph_tokens(row: Any) -> int:
+    """The largest step a row's engine replayed as a CUDA graph (vLLM V1's default for its ``max_num_seqs``).
+
+    Static batches ran through ``LLM.generate`` with the engine's own ``max_num_seqs`` (the batch is how many
+    prompts each call passes), which is far above 256, so graphs reach 512 tokens; served runs set
+    ``max_num_seqs`` to the row's, and graphs reach twice that, at most 512 tokens.
+    """
+    if row.workload == "static-batches":
+        return CUDA_GRAPH_MAX_TOKENS
+    return min(2 * int(row.max_num_seqs), CUDA_GRAPH_MAX_TOKENS)
+
+
 def row_physics(row: Any, gpu: GpuSpec | None = None, overheads: EngineOverheads | None = None) -> ReplicaPhysics:
     """The physics of one replica of the row's deployment (catalog GPU and calibrated engine by default)."""
     gpu = gpu or get_gpu(row.gpu)
     if overheads is None:
         overheads = EngineOverheads(**engine_params(gpu.name))
     par, _ = parallelism(row)
-    return ReplicaPhysics(load_model(row.model), gpu, par, overheads)
+    return ReplicaPhysics(load_model(row.model), gpu, par, overheads, cuda_graph_max_tokens=cuda_graph_tokens(row))
 
 
 def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
@@ -109,7 +121,8 @@ def row_scenario(row: Any, seed: int = 0) -> Scenario:
         "deployments": [{
             "name": "row", "model": row.model, "gpu": row.gpu, "replicas": replicas,
             "parallelism": {"tensor": par.tensor, "data": par.data, "expert": par.expert},
-            "engine": {"max_num_seqs": b, "max_num_batched_tokens": max_num_batched_tokens(row)},
+            "engine": {"max_num_seqs": b, "max_num_batched_tokens": max_num_batched_tokens(row),
+                       "cuda_graph_max_tokens": cuda_graph_tokens(row)},
             "workload": workload}],
         "power": {"cap_actuation_delay_s": 0.0},  # the cap holds from the start, as in a profiling sweep
         "control": {"policy": "static", "period_s": max(0.5, duration / 200.0), "power_cap_w": row.power_cap_w},

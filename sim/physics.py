@@ -13,9 +13,13 @@ context. Per GPU of a replica (the busiest rank under expert parallelism) its pa
 * kernel latency ``L·λ / f`` — ``L`` layers, each costing ``λ`` of launch gaps and latency-bound small kernels
   at the max clock; it does not overlap the roofline and, being GPU time, stretches as the clock falls;
 * a fixed host overhead per step, a small one per running sequence (scheduling, sampling) and one per newly
-  admitted request (tokenisation, request set-up).
+  admitted request (tokenisation, request set-up);
+* kernel launches: vLLM replays a step of at most ``cuda_graph_max_tokens`` tokens as a captured CUDA graph;
+  a larger step runs eagerly, its kernels launched one by one from the host at ``eager_launch_s`` per layer.
 
-Compute and memory overlap (roofline: the larger wins); kernel latency, communication and host overhead add.
+Compute and memory overlap (roofline: the larger wins); kernel latency adds to them. An eager step's GPU part
+lasts at least its launch time (the GPU cannot run ahead of the host that feeds it); communication and host
+overhead add.
 
 Energy per step: ``t·(P_idle + P_base·f·v²) + P_c·v²·C/(peak·eff_c) + P_m·M/(bw·eff_m) + P_kv·K/(bw·eff_m)``:
 a static part over the step, energy per FLOP growing with the square of the core voltage ``v(f)`` (DVFS:
@@ -81,7 +85,9 @@ class EngineOverheads:
     half of that: an expert slice ``n`` wide computes at ``fraction · n / (n + half_dim)`` of the dense rate
     (narrow GEMMs do little work per weight tile loaded), so a 256-wide slice of a small expert under TP4 is slow
     and a 3,584-wide slice of a Mixtral expert is not. Both come from the architecture (the config's
-    ``moe_intermediate_size``), not from a per-model factor.
+    ``moe_intermediate_size``), not from a per-model factor. ``eager_launch_s`` is host time per layer to launch
+    the kernels of a step too large for a captured CUDA graph, one by one (Python dispatch, Triton launchers);
+    the GPU part of such a step takes at least that long.
     """
 
     step_s: float = 0.002
@@ -93,6 +99,7 @@ class EngineOverheads:
     expert_latency_s: float = 0.0
     expert_gemm_half_dim: float = 0.0
     expert_compute_fraction: float = 1.0
+    eager_launch_s: float = 0.0
 
 
 class StepWork(NamedTuple):
@@ -100,7 +107,8 @@ class StepWork(NamedTuple):
 
     ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the first two overlap, the
     third adds and scales with ``1 / clock``); ``fixed_s`` is communication plus host time; ``kv_s`` is the
-    part of ``memory_s`` that reads the KV cache.
+    part of ``memory_s`` that reads the KV cache; ``launch_s`` is the host time to launch an eager step's
+    kernels (0 for a step replayed as a CUDA graph), a floor under the GPU part of the step.
     """
 
     compute_s: float
@@ -108,9 +116,12 @@ class StepWork(NamedTuple):
     fixed_s: float
     latency_s: float = 0.0
     kv_s: float = 0.0  # the KV-cache part of ``memory_s`` (it costs more energy per byte)
+    launch_s: float = 0.0  # eager steps: host launch time, a floor under the GPU part of the step
 
 
 MIN_DUTY_CYCLE = 0.05  # below its lowest clock a capped GPU gates its clock down to this share of the time
+# vLLM V1 captures CUDA graphs for steps of up to min(2 x max_num_seqs, 512) tokens by default.
+CUDA_GRAPH_MAX_TOKENS = 512
 CLOCK_TOLERANCE = 1e-9  # the governor's clock (fraction of the max) is resolved to this
 CAP_TOLERANCE_W = 1e-3  # a clock whose peak power is within a milliwatt below the cap is the answer
 
@@ -133,12 +144,14 @@ class ReplicaPhysics:
         overheads: EngineOverheads | None = None,
         popularity: ExpertPopularity | None = None,
         memory_clock_knee: float = 0.5,
+        cuda_graph_max_tokens: int = CUDA_GRAPH_MAX_TOKENS,
     ) -> None:
         self.model = model
         self.gpu = gpu
         self.par = parallelism
         self.overheads = overheads or EngineOverheads()
         self.memory_clock_knee = memory_clock_knee
+        self.cuda_graph_max_tokens = cuda_graph_max_tokens
         if model.is_moe:
             self.popularity = popularity or ExpertPopularity.uniform(model.num_experts, model.experts_per_token)
         else:
@@ -197,6 +210,7 @@ class ReplicaPhysics:
             self._collectives += 2 * m.num_moe_layers
         self._collective_latency_s = self._collectives * gpu.collective_latency_s
         self._latency_s = m.num_layers * self.overheads.layer_latency_s
+        self._eager_launch_s = m.num_layers * self.overheads.eager_launch_s
         self._distinct_cache: dict[int, float] = {}
         self._busiest_cache: dict[int, float] = {}
         self._p_full = gpu.idle_power_w + gpu.active_base_power_w  # static power at the max clock
@@ -248,7 +262,8 @@ class ReplicaPhysics:
         ``num_logits``: rows that reach the LM head; ``num_seqs``: sequences in the step;
         ``attn_pairs_*``: (query token, cached token) pairs attended, in full and sliding-window layers;
         ``kv_read_*``: cached tokens whose KV is read from HBM (each sequence's context once);
-        ``num_new``: requests whose prefill starts in this step.
+        ``num_new``: requests whose prefill starts in this step. A step of more than ``cuda_graph_max_tokens``
+        tokens runs eagerly (``launch_s``).
         """
         flops = (self._dense_flops_per_token * num_tokens + self._lm_head_flops_per_row * num_logits
                  + self._attn_flops_full * attn_pairs_full + self._attn_flops_windowed * attn_pairs_windowed)
@@ -266,7 +281,9 @@ class ReplicaPhysics:
         comm = (self._allreduce_s_per_token + self._alltoall_s_per_token) * num_tokens + self._collective_latency_s
         o = self.overheads
         host = o.step_s + o.per_seq_s * num_seqs + o.per_request_s * num_new
-        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host, latency, kv / self._bw)
+        launch = self._eager_launch_s if num_tokens > self.cuda_graph_max_tokens else 0.0
+        return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host, latency, kv / self._bw,
+                        launch)
 
     def kv_read_s(self, cached_tokens_full: float, cached_tokens_windowed: float = 0.0) -> float:
         """HBM time at full bandwidth to read this many cached tokens' KV once."""
@@ -283,7 +300,8 @@ class ReplicaPhysics:
 
     def step_time_s(self, w: StepWork, f: float) -> float:
         """Duration of a step at clock fraction ``f``."""
-        return max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f + w.fixed_s
+        gpu_s = max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f
+        return (gpu_s if gpu_s > w.launch_s else w.launch_s) + w.fixed_s
 
     def step_energy_j(self, w: StepWork, f: float, t: float | None = None) -> float:
         """Energy of one GPU for a step at clock fraction ``f`` (``t``: its duration, if known)."""
@@ -306,18 +324,24 @@ class ReplicaPhysics:
     def stretch_peak_power_w(self, w0: StepWork, c1: float, m1: float, k: int, f: float) -> float:
         """Highest per-iteration power of a stretch of ``k`` iterations at clock fraction ``f``.
 
-        Within the iterations where a step stays compute-bound (or memory-bound), its power is a ratio of
-        two linear functions of ``j`` and so monotone: the peak is at an end of the stretch or beside the
-        iteration where the step turns from one to the other.
+        Within the iterations where a step stays compute-bound (or memory-bound, or held at its launch floor),
+        its power is a ratio of two linear functions of ``j`` and so monotone: the peak is at an end of the
+        stretch or beside an iteration where the step turns from one regime to another.
         """
-        c0, m0, x, lat, kv0 = w0
+        c0, m0, x, lat, kv0, launch = w0
         js = [0] if k <= 1 else [0, k - 1]
         s = self.memory_speed(f)
-        denom = m1 / s - c1 / f
-        if k > 2 and denom != 0.0:
-            jx = (c0 / f - m0 / s) / denom
-            if 0.0 < jx < k - 1:
-                js += [math.floor(jx), math.ceil(jx)]
+        lat_s = lat / f
+        if k > 2:
+            denom = m1 / s - c1 / f
+            if denom != 0.0:
+                jx = (c0 / f - m0 / s) / denom
+                if 0.0 < jx < k - 1:
+                    js += [math.floor(jx), math.ceil(jx)]
+            if launch > 0.0:
+                jl = _floor_iterations(c0 / f + lat_s, c1 / f, m0 / s + lat_s, m1 / s, launch, k)
+                if 0 < jl < k:
+                    js += [jl - 1, jl]
         # ``step_power_w`` of each candidate iteration, inlined with the same operations in the same order.
         g = self.gpu
         v2 = voltage_squared(g, f)
@@ -325,11 +349,11 @@ class ReplicaPhysics:
         compute_w = g.compute_power_w * v2
         memory_w = g.memory_power_w
         kv_w = g.kv_power_w
-        lat_s = lat / f
         peak = -math.inf
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
-            t = max(c / f, m / s) + lat_s + x
+            t = max(c / f, m / s) + lat_s
+            t = (t if t > launch else launch) + x
             p = (t * base_w + compute_w * c + memory_w * m + kv_w * (kv0 + m1 * j)) / t
             if p > peak:
                 peak = p
@@ -343,17 +367,22 @@ class ReplicaPhysics:
         composition or the cap changes.
         """
         # Natural draw at the max clock (inlined: the common, uncapped case). At f = 1 the memory speed is 1.
-        c0, m0, x, lat, kv0 = w0
-        x += lat
+        c0, m0, x, lat, kv0, launch = w0
         p_full, p_c, p_m, p_kv = self._p_full, self._p_compute, self._p_memory, self._p_kv
-        js = (0,) if k <= 1 else (0, k - 1)
-        if k > 2 and m1 != c1:
-            jx = (c0 - m0) / (m1 - c1)
-            if 0.0 < jx < k - 1:
-                js = (0, k - 1, math.floor(jx), math.ceil(jx))
+        js = [0] if k <= 1 else [0, k - 1]
+        if k > 2:
+            if m1 != c1:
+                jx = (c0 - m0) / (m1 - c1)
+                if 0.0 < jx < k - 1:
+                    js += [math.floor(jx), math.ceil(jx)]
+            if launch > 0.0:
+                jl = _floor_iterations(c0 + lat, c1, m0 + lat, m1, launch, k)
+                if 0 < jl < k:
+                    js += [jl - 1, jl]
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
-            p_max_clock = p_full + (p_c * c + p_m * m + p_kv * (kv0 + m1 * j)) / ((c if c > m else m) + x)
+            t = (c if c > m else m) + lat
+            p_max_clock = p_full + (p_c * c + p_m * m + p_kv * (kv0 + m1 * j)) / ((t if t > launch else launch) + x)
             if p_max_clock > cap_w:
                 break
         else:
@@ -408,6 +437,20 @@ def _sum_linear(a: float, b: float, lo: int, hi: int) -> float:
     return a * n + b * (hi * (hi - 1) - lo * (lo - 1)) * 0.5 if n > 0 else 0.0
 
 
+def _floor_iterations(a1: float, b1: float, a2: float, b2: float, floor: float, k: int) -> int:
+    """How many of the first ``k`` iterations have ``max(a1 + b1·j, a2 + b2·j) < floor`` (slopes ``>= 0``: they
+    are the first ones)."""
+    first = k
+    for a, b in ((a1, b1), (a2, b2)):
+        if a >= floor:
+            return 0
+        if b > 0.0:
+            j = (floor - a) / b
+            if j < first:
+                first = math.ceil(j)
+    return max(0, min(k, first))
+
+
 def sum_max_linear(a1: float, b1: float, a2: float, b2: float, m: int) -> float:
     """``sum_{j=0}^{m-1} max(a1 + b1·j, a2 + b2·j)`` in closed form."""
     if m <= 0:
@@ -427,18 +470,20 @@ class Stretch:
     """``k`` engine iterations with a fixed composition at a fixed clock, in closed form.
 
     Iteration ``j`` (0-based) has compute time ``(c0 + c1·j)/f`` and memory time ``(m0 + m1·j)/g(f)``
-    (attention and KV reads grow by one token per sequence per iteration), plus fixed time ``x``; its memory
-    energy is ``e0 + e1·j`` (weights and the starting KV cache, then the growing cache at the KV energy per byte).
-    A prefill-carrying step is a stretch of one iteration with zero slopes.
+    (attention and KV reads grow by one token per sequence per iteration), the larger of them (raised to the
+    launch floor of an eager step, less the kernel latency), plus fixed time ``x``; its memory energy is
+    ``e0 + e1·j`` (weights and the starting KV cache, then the growing cache at the KV energy per byte). A
+    prefill-carrying step is a stretch of one iteration with zero slopes.
     """
 
-    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m0", "_e_m1", "_memo", "_p_static", "_total_e", "_total_t",
-                 "c0", "c1", "clock", "iterations", "m0", "m1", "x")
+    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m0", "_e_m1", "_floor", "_floor_n", "_memo", "_p_static",
+                 "_total_e", "_total_t", "c0", "c1", "clock", "iterations", "m0", "m1", "x")
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
-        c0, m0, x, lat, kv0 = work0
+        c0, m0, x, lat, kv0, launch = work0
         x += lat / clock
+        floor = launch - lat / clock  # the launch floor under the larger of compute and memory time
         self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
         self.clock = clock
         self.iterations = iterations
@@ -457,6 +502,10 @@ class Stretch:
             self._a2, self._b2 = m0 / s, m1 / s
             self._p_static = g.idle_power_w + g.active_base_power_w * clock * v2
             self._e_c = g.compute_power_w * v2
+        # The first ``_floor_n`` iterations sit at the floor (the roofline terms grow with j, the floor does not).
+        self._floor = floor if floor > 0.0 else 0.0
+        self._floor_n = _floor_iterations(self._a1, self._b1, self._a2, self._b2, floor, iterations) \
+            if floor > 0.0 else 0
         self._total_t = -1.0
         self._total_e = -1.0
         self._memo = (-1.0, 0, 0.0)
@@ -464,6 +513,7 @@ class Stretch:
     def truncate(self, m: int) -> None:
         """Keep only the first ``m`` iterations (the stretch ended early)."""
         self.iterations = m
+        self._floor_n = min(self._floor_n, m)
         self._total_t = self._total_e = -1.0
         self._memo = (-1.0, 0, 0.0)
 
@@ -484,7 +534,8 @@ class Stretch:
 
     def iter_time(self, j: int) -> float:
         """Duration of iteration ``j``."""
-        return max(self._a1 + self._b1 * j, self._a2 + self._b2 * j) + self.x
+        t = max(self._a1 + self._b1 * j, self._a2 + self._b2 * j)
+        return (t if t > self._floor else self._floor) + self.x
 
     def iter_energy(self, j: int) -> float:
         """Energy of one GPU during iteration ``j``."""
@@ -493,7 +544,14 @@ class Stretch:
 
     def time_of(self, m: int) -> float:
         """Time to run the first ``m`` iterations."""
-        return sum_max_linear(self._a1, self._b1, self._a2, self._b2, m) + self.x * m
+        n = self._floor_n
+        if n <= 0:
+            return sum_max_linear(self._a1, self._b1, self._a2, self._b2, m) + self.x * m
+        if m <= n:
+            return (self._floor + self.x) * m
+        # Past the floor iterations the roofline terms rule: the plain sum, less theirs, plus the floor's.
+        return (sum_max_linear(self._a1, self._b1, self._a2, self._b2, m) + self.x * m
+                + self._floor * n - sum_max_linear(self._a1, self._b1, self._a2, self._b2, n))
 
     def energy_of(self, m: int, t_m: float | None = None) -> float:
         """Energy of one GPU over the first ``m`` iterations (``t_m``: their duration, if known)."""
@@ -533,6 +591,12 @@ class Stretch:
         """Approximate largest m with time_of(m) <= elapsed, from the quadratic of the dominant line."""
         a1, b1, a2, b2, x = self._a1, self._b1, self._a2, self._b2, self.x
         k = self.iterations
+        n = self._floor_n
+        if n > 0:
+            if elapsed_s < (self._floor + x) * n:
+                return math.floor(elapsed_s / (self._floor + x))
+            # Past the floor iterations: the same elapsed time on the curve without the floor.
+            elapsed_s -= self._floor * n - sum_max_linear(a1, b1, a2, b2, n)
         # Which line dominates before and after the split (see sum_max_linear).
         if b1 == b2:
             split = k

@@ -167,6 +167,10 @@ class EngineConfig(_Model):
     layer_latency_s: float | None = Field(
         None, ge=0, description="GPU time per layer per step at the max clock beyond the roofline (kernel launch "
                                 "gaps, small kernels; scales with 1/clock); None: calibrated, else 0.")
+    cuda_graph_max_tokens: int | None = Field(
+        None, ge=0, description="Largest step, in tokens, replayed as a captured CUDA graph; a larger step launches "
+                                "its kernels one by one from the host (eager). None: vLLM's default, "
+                                "min(2 x max_num_seqs, 512); 0: no graphs (enforce_eager).")
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.build import build_physics
+from sim.build import build_physics, cuda_graph_max_tokens
 from sim.catalog import GPUS, load_model
-from sim.physics import CAP_TOLERANCE_W, Parallelism, ReplicaPhysics, StepWork, Stretch, sum_max_linear
+from sim.physics import CAP_TOLERANCE_W, EngineOverheads, Parallelism, ReplicaPhysics, StepWork, Stretch, sum_max_linear
 from sim.routing import ExpertPopularity, busiest_rank_factor, expected_distinct_uniform
 from sim.run import run_scenario
+from sim.scenario import EngineConfig
 from tests.conftest import shared_data, tiny
 
 
@@ -79,13 +80,15 @@ def test_lower_cap_means_lower_clock():
 @settings(max_examples=200, deadline=None)
 @given(tokens=st.integers(1, 16384), decode=st.integers(1, 256), k=st.integers(1, 2000),
        growth=st.floats(0.0, 1e-5), gpu=st.sampled_from(["a100-sxm4-80gb", "h100-sxm"]),
-       cap_share=st.floats(0.0, 1.0))
-def test_governor_finds_the_highest_clock_within_the_cap(tokens, decode, k, growth, gpu, cap_share):
+       cap_share=st.floats(0.0, 1.0), launch=st.sampled_from([0.0, 3e-4, 2e-3]))
+def test_governor_finds_the_highest_clock_within_the_cap(tokens, decode, k, growth, gpu, cap_share, launch):
     """The governor's clock search against plain bisection: the clock it returns keeps every iteration of the
     stretch within the cap and is the highest such clock to 1e-5 of the clock range, 0.02 MHz (bisection runs
-    60 halvings; the search may stop a milliwatt below the cap, where the power curve is flattest)."""
+    60 halvings; the search may stop a milliwatt below the cap, where the power curve is flattest). Steps past
+    the CUDA-graph limit may sit at their launch floor for some iterations (``launch`` per layer)."""
     spec = GPUS[gpu]
-    phys = ReplicaPhysics(load_model("mixtral-8x7b"), spec, Parallelism(tensor=2))
+    phys = ReplicaPhysics(load_model("mixtral-8x7b"), spec, Parallelism(tensor=2),
+                          EngineOverheads(eager_launch_s=launch), cuda_graph_max_tokens=64)
     w0 = phys.step_work(tokens, min(decode, tokens), decode, tokens * 300.0, tokens * 300.0)
     cap = spec.power_limit_min_w + cap_share * (spec.power_limit_max_w - spec.power_limit_min_w)
     f = phys.clock_for_stretch(w0, w0.compute_s * growth, w0.memory_s * growth, k, cap)
@@ -186,7 +189,6 @@ def test_expert_parallel_reads_the_busiest_ranks_experts_and_tensor_parallel_a_s
 
 def test_expert_latency_is_per_output_column_of_the_touched_experts():
     # Each touched expert's GEMMs cost a fixed time per tile of output columns: 2 x width (gate, up) + hidden.
-    from sim.physics import EngineOverheads
 
     lam = 2e-6
     for name, par, width in (("olmoe-1b-7b", Parallelism(tensor=4), 1024 / 4),
@@ -217,24 +219,54 @@ def test_sum_max_linear_matches_brute_force(a1, b1, a2, b2, m):
 @settings(max_examples=100, deadline=None)
 @given(c0=st.floats(1e-5, 0.05), m0=st.floats(1e-5, 0.05), x=st.floats(0, 0.01), c1=st.floats(0, 1e-5),
        m1=st.floats(0, 1e-5), f=st.floats(0.2, 1.0), k=st.integers(1, 500), frac=st.floats(0, 1),
-       kv_share=st.floats(0, 1))
-def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac, kv_share):
+       kv_share=st.floats(0, 1), lat=st.floats(0, 0.01), launch=st.floats(0, 0.1))
+def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac, kv_share, lat, launch):
+    """Closed forms against sums over iterations, also where an eager stretch's first iterations sit at their
+    launch floor and the later ones, grown past it, do not."""
     phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism())
     # The KV-cache part of the memory time starts at a share of it and is all of its growth.
-    s = Stretch(phys, StepWork(c0, m0, x, 0.0, kv_share * m0), c1, m1, f, k)
+    s = Stretch(phys, StepWork(c0, m0, x, lat, kv_share * m0, launch), c1, m1, f, k)
     times = [s.iter_time(j) for j in range(k)]
     energies = [s.iter_energy(j) for j in range(k)]
     assert s.total_time_s() == pytest.approx(sum(times), rel=1e-9)
     assert s.total_energy_j() == pytest.approx(sum(energies), rel=1e-9)
     # Each iteration's time and energy equal the step formulas at that iteration's work.
     j = k // 2
-    wj = StepWork(c0 + c1 * j, m0 + m1 * j, x, 0.0, kv_share * m0 + m1 * j)
+    wj = StepWork(c0 + c1 * j, m0 + m1 * j, x, lat, kv_share * m0 + m1 * j, launch)
     assert times[j] == pytest.approx(phys.step_time_s(wj, f), rel=1e-12)
     assert energies[j] == pytest.approx(phys.step_energy_j(wj, f), rel=1e-12)
     elapsed = frac * sum(times)
     done = s.iterations_done_by(elapsed)
     assert sum(times[:done]) <= elapsed * (1 + 1e-12)
     assert done == k or sum(times[: done + 1]) > elapsed * (1 - 1e-12)
+
+
+def test_a_step_past_the_cuda_graph_limit_waits_for_its_kernel_launches():
+    """vLLM replays steps of up to ``cuda_graph_max_tokens`` tokens as CUDA graphs and launches larger ones
+    kernel by kernel: 32 layers at 1 ms each is a 32 ms floor under a small eager step's GPU part, hidden by a
+    large one's; the GPU idles part of a launch-bound step, so it draws less."""
+    e = EngineOverheads(step_s=0.0, per_seq_s=0.0, eager_launch_s=1e-3)
+    phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism(), e, cuda_graph_max_tokens=512)
+    graphed = phys.step_work(512, 1, 1, 512 * 256.0, 512)
+    small = phys.step_work(513, 1, 1, 513 * 256.5, 513)
+    large = phys.step_work(16384, 1, 1, 16384 * 8192.0, 16384)
+    assert graphed.launch_s == 0.0
+    assert small.launch_s == large.launch_s == pytest.approx(32 * 1e-3, rel=1e-12)
+    gpu_part = max(small.compute_s, small.memory_s) + small.latency_s
+    assert gpu_part < 0.032
+    assert phys.step_time_s(small, 1.0) == pytest.approx(0.032 + small.fixed_s, rel=1e-12)
+    assert phys.step_time_s(large, 1.0) == pytest.approx(
+        max(large.compute_s, large.memory_s) + large.latency_s + large.fixed_s, rel=1e-12)
+    assert phys.step_power_w(small, 1.0) < phys.step_power_w(small._replace(launch_s=0.0), 1.0)
+
+
+@pytest.mark.parametrize(("max_num_seqs", "setting", "limit"), [(8, None, 16), (256, None, 512), (1024, None, 512),
+                                                                 (8, 100, 100), (256, 0, 0)])
+def test_the_cuda_graph_limit_follows_vllm_defaults_unless_set(max_num_seqs, setting, limit):
+    """vLLM V1 captures graphs up to min(2 x max_num_seqs, 512) tokens; a setting overrides it, 0 (enforce
+    eager) leaves every step eager."""
+    engine = EngineConfig(max_num_seqs=max_num_seqs, cuda_graph_max_tokens=setting)
+    assert cuda_graph_max_tokens(engine) == limit
 
 
 def test_against_pals_a100_measurements():

@@ -114,7 +114,7 @@ class PhysicsModel(_MemoModel):
         b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
         # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled, spread
         # over min(b, O) iterations (staggered finishes), each such step also decoding the others.
-        n_mixed = max(1.0, min(b, o))
+        n_mixed = max(1.0, o * -math.expm1(-b / o))
         per_step = b / n_mixed
         prefill = per_step * p
         ctx = (b - per_step) * context

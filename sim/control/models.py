@@ -112,8 +112,10 @@ class PhysicsModel(_MemoModel):
         # the KV cache holds about b·(P + O·(1 + cv²)/2) tokens (the mean context of a running sequence).
         context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
         b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
-        # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled, spread
-        # over min(b, O) iterations (staggered finishes), each such step also decoding the others.
+        # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled. Finishes
+        # of many independent sequences arrive as a Poisson stream of b/O per iteration, so O·(1 - e^(-b/O))
+        # iterations carry at least one prefill (b of them when b << O, all O when b >> O), each such step also
+        # decoding the others.
         n_mixed = max(1.0, o * -math.expm1(-b / o))
         per_step = b / n_mixed
         prefill = per_step * p

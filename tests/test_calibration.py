@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from sim.calibrate import PARAMS, FitResult, fit, held_out_errors, with_params
-from sim.catalog.calibration import gpu_params
+from sim.catalog.calibration import CALIBRATION_DIR, engine_params, gpu_params
 from sim.catalog.gpus import GPUS, datasheet_gpu
 from sim.operating_point import analytic_row, row_physics, simulate_row
 from sim.physics import EngineOverheads
@@ -186,6 +186,11 @@ def test_catalog_reads_the_committed_calibration():
         assert getattr(GPUS["a100-sxm4-80gb"], name) == pytest.approx(value)
         assert getattr(GPUS["a100-sxm4-40gb"], name) == pytest.approx(value)  # same die
     assert GPUS["a100-sxm4-40gb"].hbm_bytes != GPUS["a100-sxm4-80gb"].hbm_bytes  # datasheet figures kept
+    # Every fitted engine parameter written to the file is one the simulator reads back.
+    fitted = {p.name for p in PARAMS if p.part == "engine"}
+    with open(CALIBRATION_DIR / "a100-sxm4-80gb.json") as f:
+        assert set(json.load(f)["engine"]) == fitted
+    assert set(engine_params("a100-sxm4-80gb")) == fitted
 
 
 def test_fit_recovers_known_parameters_from_synthetic_data():

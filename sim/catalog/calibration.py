@@ -25,7 +25,7 @@ GPU_FIELDS = ("compute_efficiency", "memory_efficiency", "link_efficiency", "col
               "voltage_knee")
 ENGINE_FIELDS = ("step_s", "per_seq_s", "per_request_s", "layer_latency_s", "moe_tile_tokens",
                  "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
-                 "expert_compute_fraction")
+                 "expert_compute_fraction", "eager_launch_s")
 
 
 @cache

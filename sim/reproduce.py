@@ -20,6 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from sim.io import write_json_atomic, write_text_atomic
+from sim.physics import CUDA_GRAPH_MAX_TOKENS
 from sim.report import render_report
 from sim.run import RunOutputs, run_scenario
 from sim.scenario import Scenario, scenario_from_dict
@@ -76,9 +77,14 @@ H100 = Platform(
 
 def _deployment(name: str, model: str, p: Platform, replicas: int, workload: dict[str, Any],
                 target: float | None = None) -> dict[str, Any]:
+    engine: dict[str, Any] = {"max_num_seqs": 64, "max_num_batched_tokens": 16384}
+    if workload["kind"] == "static-batches":
+        # As measured: batches through LLM.generate, whose engine keeps its default max_num_seqs and so
+        # captures CUDA graphs up to 512 tokens (the batch is the number of prompts per call).
+        engine["cuda_graph_max_tokens"] = CUDA_GRAPH_MAX_TOKENS
     dep: dict[str, Any] = {
         "name": name, "model": model, "gpu": p.gpu, "replicas": replicas, "parallelism": {"tensor": p.tensor},
-        "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 16384}, "workload": workload,
+        "engine": engine, "workload": workload,
     }
     if target is not None:
         dep["throughput_target"] = {"fraction_of_max": target}

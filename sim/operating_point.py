@@ -62,9 +62,9 @@ def max_num_batched_tokens(row: Any) -> int:
 def cuda_graph_tokens(row: Any) -> int:
     """The largest step a row's engine replayed as a CUDA graph (vLLM V1's default for its ``max_num_seqs``).
 
-    Static batches ran through ``LLM.generate`` with the engine's own ``max_num_seqs`` (the batch is how many
-    prompts each call passes), which is far above 256, so graphs reach 512 tokens; served runs set
-    ``max_num_seqs`` to the row's, and graphs reach twice that, at most 512 tokens.
+    Static batches ran through ``LLM.generate`` with the engine's default ``max_num_seqs`` (the batch is how
+    many prompts each call passes), at least 256, so graphs reach 512 tokens; served runs set ``max_num_seqs``
+    to the row's, and graphs reach twice that, at most 512 tokens.
     """
     if row.workload == "static-batches":
         return CUDA_GRAPH_MAX_TOKENS

@@ -17,7 +17,7 @@ from sim.catalog.calibration import engine_params
 from sim.catalog.gpus import GpuSpec, UnknownGpuError, get_gpu
 from sim.catalog.models import ModelConfigError, ModelSpec, load_model
 from sim.engine import kv_capacity_tokens
-from sim.physics import CUDA_GRAPH_MAX_TOKENS, EngineOverheads, Parallelism, ReplicaPhysics
+from sim.physics import EngineOverheads, Parallelism, ReplicaPhysics, default_cuda_graph_max_tokens
 from sim.routing import ExpertPopularity
 from sim.scenario import DeploymentConfig, EngineConfig, Scenario, ScenarioError, TraceWorkload
 
@@ -70,7 +70,7 @@ def cuda_graph_max_tokens(engine: EngineConfig) -> int:
     """Largest step the engine replays as a CUDA graph: its setting, else vLLM's default."""
     if engine.cuda_graph_max_tokens is not None:
         return engine.cuda_graph_max_tokens
-    return min(2 * engine.max_num_seqs, CUDA_GRAPH_MAX_TOKENS)
+    return default_cuda_graph_max_tokens(engine.max_num_seqs)
 
 
 def engine_overheads(dep: DeploymentConfig, gpu_name: str) -> EngineOverheads:

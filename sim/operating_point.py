@@ -21,7 +21,13 @@ from sim.catalog.gpus import GpuSpec, get_gpu
 from sim.catalog.models import load_model
 from sim.control.models import PhysicsModel
 from sim.engine import kv_capacity_tokens
-from sim.physics import CUDA_GRAPH_MAX_TOKENS, EngineOverheads, Parallelism, ReplicaPhysics
+from sim.physics import (
+    CUDA_GRAPH_MAX_TOKENS,
+    EngineOverheads,
+    Parallelism,
+    ReplicaPhysics,
+    default_cuda_graph_max_tokens,
+)
 from sim.scenario import Scenario, scenario_from_dict
 
 STATIC_BATCHES_PER_ROW = 3  # batches simulated per static-batches row (each one the same)
@@ -68,7 +74,7 @@ def cuda_graph_tokens(row: Any) -> int:
     """
     if row.workload == "static-batches":
         return CUDA_GRAPH_MAX_TOKENS
-    return min(2 * int(row.max_num_seqs), CUDA_GRAPH_MAX_TOKENS)
+    return default_cuda_graph_max_tokens(int(row.max_num_seqs))
 
 
 def row_physics(row: Any, gpu: GpuSpec | None = None, overheads: EngineOverheads | None = None) -> ReplicaPhysics:

@@ -120,10 +120,14 @@ class StepWork(NamedTuple):
 
 
 MIN_DUTY_CYCLE = 0.05  # below its lowest clock a capped GPU gates its clock down to this share of the time
-# vLLM V1 captures CUDA graphs for steps of up to min(2 x max_num_seqs, 512) tokens by default.
-CUDA_GRAPH_MAX_TOKENS = 512
+CUDA_GRAPH_MAX_TOKENS = 512  # the largest step vLLM V1 captures as a CUDA graph by default
 CLOCK_TOLERANCE = 1e-9  # the governor's clock (fraction of the max) is resolved to this
 CAP_TOLERANCE_W = 1e-3  # a clock whose peak power is within a milliwatt below the cap is the answer
+
+
+def default_cuda_graph_max_tokens(max_num_seqs: int) -> int:
+    """The largest step vLLM V1 replays as a CUDA graph by default: min(2 x ``max_num_seqs``, 512) tokens."""
+    return min(2 * max_num_seqs, CUDA_GRAPH_MAX_TOKENS)
 
 
 def voltage_squared(gpu: GpuSpec, f: float) -> float:

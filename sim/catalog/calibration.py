@@ -12,6 +12,7 @@ board power management); ``engine`` gives the defaults of the engine-overhead fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import cache
@@ -23,9 +24,6 @@ CALIBRATION_DIR = Path(os.environ.get("PALS_CALIBRATION_DIR",
 GPU_FIELDS = ("compute_efficiency", "memory_efficiency", "link_efficiency", "collective_latency_s", "idle_power_w",
               "active_base_power_w", "compute_power_w", "memory_power_w", "kv_power_w", "voltage_floor",
               "voltage_knee")
-ENGINE_FIELDS = ("step_s", "per_seq_s", "per_request_s", "layer_latency_s", "moe_tile_tokens",
-                 "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
-                 "expert_compute_fraction", "eager_launch_s")
 
 
 @cache
@@ -50,6 +48,10 @@ def gpu_params(gpu_name: str) -> dict[str, float]:
 
 
 def engine_params(gpu_name: str) -> dict[str, float]:
-    """Fitted engine overheads measured on ``gpu_name`` (empty when never calibrated)."""
+    """Fitted engine overheads measured on ``gpu_name`` (empty when never calibrated): every field of
+    ``EngineOverheads`` the file gives."""
+    from sim.physics import EngineOverheads  # imported here: the physics imports the catalog
+
+    fields = {f.name for f in dataclasses.fields(EngineOverheads)}
     doc = calibrations().get(gpu_name)
-    return {k: float(v) for k, v in (doc or {}).get("engine", {}).items() if k in ENGINE_FIELDS}
+    return {k: float(v) for k, v in (doc or {}).get("engine", {}).items() if k in fields}

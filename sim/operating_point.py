@@ -95,8 +95,21 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
     model = PhysicsModel(phys, replicas, row.prompt_tokens_mean, row.output_tokens_mean, budget, static_batches=static,
                          kv_capacity_tokens=kv, output_tokens_cv=getattr(row, "output_tokens_cv", 0.0))
     pred = model.predict(row.power_cap_w, int(row.max_num_seqs))
-    return RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
-                         model.median_step_s(row.power_cap_w, int(row.max_num_seqs)))
+    return measured_as_row(row, phys, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
+                                                    model.median_step_s(row.power_cap_w, int(row.max_num_seqs))))
+
+
+def measured_as_row(row: Any, phys: ReplicaPhysics, pred: RowPrediction) -> RowPrediction:
+    """A prediction seen through the row's power measurement: where its power mean also covers
+    ``power_idle_tail_s`` of idle GPUs after one batch (see ``sim.profile``), the batch's energy plus the idle
+    draw over that tail, divided by both durations."""
+    tail_s = float(getattr(row, "power_idle_tail_s", 0.0))
+    if tail_s <= 0.0 or not pred.throughput_tokens_per_s > 0.0:
+        return pred
+    _, replicas = parallelism(row)
+    batch_s = replicas * int(row.max_num_seqs) * row.output_tokens_mean / pred.throughput_tokens_per_s
+    power_w = (pred.power_w_per_gpu * batch_s + phys.gpu.idle_power_w * tail_s) / (batch_s + tail_s)
+    return RowPrediction(pred.throughput_tokens_per_s, power_w, pred.itl_median_s)
 
 
 def row_scenario(row: Any, seed: int = 0) -> Scenario:
@@ -139,8 +152,9 @@ def row_scenario(row: Any, seed: int = 0) -> Scenario:
 def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     """The row's operating point measured in the simulator.
 
-    Static batches: the whole run (every batch alike). Saturated: the windows after the first quarter of the
-    run (past the start-up burst of prefills), and the median over requests of the time per output token.
+    Static batches: the whole run (every batch alike), seen through the row's power window
+    (``measured_as_row``). Saturated: the windows after the first quarter of the run (past the start-up burst
+    of prefills), and the median over requests of the time per output token.
     """
     from sim.run import run_scenario
 
@@ -149,7 +163,8 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     if row.workload == "static-batches":
         t = out.summary["totals"]
         itl = _median_tpot(out.requests)
-        return RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl)
+        pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl)
+        return measured_as_row(row, row_physics(row), pred)
     ts = out.timeseries
     steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
     window = steady.drop_duplicates(["time_s", "replica"])

@@ -3,11 +3,18 @@
 Columns (units in the names; ``itl_median_s`` may be empty):
 
 ``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
-prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s``
+prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s,
+power_idle_tail_s``
 
 ``output_tokens_cv`` (optional, 0 when absent) is the coefficient of variation (std / mean) of the output
 lengths. Under continuous batching it sets how much context the running sequences carry: a long request stays
 in the batch longer, so the time-averaged decode context is ``P + O·(1 + cv²)/2``, not ``P + O/2``.
+
+``power_idle_tail_s`` (optional, 0 when absent; ``static-batches`` rows only) says how the power was measured:
+the mean covers one batch and then this many seconds of the GPUs idle after it. Argonne's benchmark samples
+power from the start of one ``generate`` call until a second after it returns, so its averages mix a second of
+idle draw into the batch's: at batch 1 on an H100 (a 7 s batch) that lowers the mean by ~40 W. The predictors
+apply the same window to the predicted batch.
 
 ``workload`` is ``static-batches`` (batches of ``max_num_seqs`` prompts, the next when the previous has
 finished: the PALS way) or ``saturate`` (enough clients to keep ``max_num_seqs`` sequences running: the
@@ -33,10 +40,11 @@ from sim.io import write_text_atomic
 
 COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
            "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "output_tokens_cv",
-           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s")
+           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "power_idle_tail_s")
 WORKLOADS = ("static-batches", "saturate")
 _INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
-_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan}  # columns a table may leave out
+# columns a table may leave out, and their values then
+_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "power_idle_tail_s": 0.0}
 _POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
 
 # Hugging Face ids in the public datasets → catalog names.
@@ -60,6 +68,9 @@ PALS_OUTPUT_TOKENS = 5.0  # max_tokens=5, greedy
 # ML.ENERGY v3's files give output lengths but not prompt lengths; LMArena chat prompts are short user turns
 # plus the chat template. This is an assumption; override with --prompt-tokens-mean.
 MLENERGY_PROMPT_TOKENS_MEAN = 300.0
+# Argonne's benchmark_power.py: the power probe (NVML, every 0.25 s) runs from just before one generate call
+# until one second after it returns (``time.sleep(1)`` before ``stop``).
+ARGONNE_POWER_IDLE_TAIL_S = 1.0
 
 
 class ProfileError(PalsError):
@@ -106,6 +117,8 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
                 _raise_first(values < 0, df, where, col, "a non-negative number")
             df[col] = values.astype("float64")
     _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
+    _raise_first((df["workload"] == "saturate") & (df["power_idle_tail_s"] > 0), df, where, "power_idle_tail_s",
+                 "0 on a saturate row (an idle tail after one batch applies to static batches)")
     return df[list(COLUMNS)].reset_index(drop=True)
 
 
@@ -185,7 +198,8 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
                     "output_tokens_cv": histogram_cv(c["output_length_distribution"]),
                     "throughput_tokens_per_s": float(c["output_throughput_tokens_per_sec"]),
                     "power_w_per_gpu": float(c["avg_power_watts"]) / n,
-                    "itl_median_s": float(c["median_itl_ms"]) / 1000.0})
+                    "itl_median_s": float(c["median_itl_ms"]) / 1000.0,
+                    "power_idle_tail_s": 0.0})  # power over the steady-state window only
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
     return normalise(pd.DataFrame(rows, columns=list(COLUMNS)), str(p))
@@ -207,6 +221,7 @@ def import_argonne(path: str | Path) -> pd.DataFrame:
     """Argonne LLM-Inference-Bench power results: static batches, input = output tokens, power in mW.
 
     ``Throughput`` there counts input and output tokens; output throughput is ``batch × output / latency``.
+    The power average also covers a second of idle after the batch (``ARGONNE_POWER_IDLE_TAIL_S``).
     Only the vLLM rows are kept (the others are TensorRT-LLM and DeepSpeed-MII, other engines), and only GPUs
     the catalog has (not GH200).
     """
@@ -224,7 +239,8 @@ def import_argonne(path: str | Path) -> pd.DataFrame:
         "power_cap_w": raw["Hardware"].map(ARGONNE_GPUS).map(lambda g: GPUS[g].default_power_limit_w),
         "max_num_seqs": batch, "workload": "static-batches", "prompt_tokens_mean": length,
         "output_tokens_mean": length, "throughput_tokens_per_s": batch * length / latency,
-        "power_w_per_gpu": pd.to_numeric(raw["avg_power"], errors="coerce") / 1000.0 / n, "itl_median_s": math.nan})
+        "power_w_per_gpu": pd.to_numeric(raw["avg_power"], errors="coerce") / 1000.0 / n, "itl_median_s": math.nan,
+        "power_idle_tail_s": ARGONNE_POWER_IDLE_TAIL_S})
     return normalise(table, str(p))
 
 

@@ -113,20 +113,18 @@ class PhysicsModel(_MemoModel):
         context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
         b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
         # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled. Finishes
-        # of many independent sequences arrive as a Poisson stream of b/O per iteration, so O·(1 - e^(-b/O))
-        # iterations carry at least one prefill (b of them when b << O, all O when b >> O), each such step also
-        # decoding the others.
-        n_mixed = max(1.0, o * -math.expm1(-b / o))
-        per_step = b / n_mixed
-        prefill = per_step * p
-        ctx = (b - per_step) * context
-        mixed = self.phys.step_work(max(1, round(b - per_step + prefill)), max(1, round(b)), max(1, round(b)),
-                                    ctx + per_step * p * (p + 1) / 2.0, ctx + prefill, num_new=round(per_step))
-        steps = [(mixed, n_mixed)]
-        if o > n_mixed:
-            ctx = b * context
-            decode = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
-            steps.append((decode, o - n_mixed))
+        # of many independent sequences arrive as a Poisson stream of b/O per iteration, so an iteration carries
+        # k prefills with Poisson(b/O) probability (O·(1 - e^(-b/O)) of them at least one), each such step
+        # also decoding the others: a step with one short prefill is not one with three.
+        steps = []
+        for k, share in poisson_classes(b / o):
+            ctx = (b - k) * context
+            if k == 0.0:
+                work = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
+            else:
+                work = self.phys.step_work(max(1, round(b - k + k * p)), max(1, round(b)), max(1, round(b)),
+                                           ctx + k * p * (p + 1) / 2.0, ctx + k * p, num_new=max(1, round(k)))
+            steps.append((work, o * share))
         t, e = self._run(steps, cap_w, key)
         return Prediction(self.replicas * b * o / t, e / t)
 
@@ -224,3 +222,39 @@ class RandomForestModel(_MemoModel):
         x = self.features([power_cap_w], [max_num_seqs], [self.prompt], [self.output])
         tokens = math.exp(float(self._throughput.predict(x)[0])) * self.num_gpus
         return Prediction(max(tokens, 1e-9), max(float(self._power.predict(x)[0]), 1e-9))
+
+
+POISSON_TAIL = 1e-4  # prefill counts in a tail less likely than this are lumped into the class next to it
+POISSON_MAX_CLASSES = 16  # beyond this many counts, neighbouring ones are merged (at large rates)
+
+
+def poisson_classes(rate: float) -> list[tuple[float, float]]:
+    """``(k, probability)`` for the number of prefills an iteration carries (Poisson with mean ``rate``).
+
+    Counts in the lower or upper tail (below ``POISSON_TAIL``) are lumped into the first or last class kept, and
+    at large rates neighbouring counts are merged (at most ``POISSON_MAX_CLASSES`` classes), each class at its
+    mean count: the probabilities sum to 1 and the mean count is ``rate`` exactly.
+    """
+    if rate <= 0.0:
+        return [(0.0, 1.0)]
+    k = max(0, math.floor(rate - 10.0 * math.sqrt(rate) - 10.0))  # what lies below has probability < 1e-20
+    classes: list[list[float]] = []  # [count, probability]
+    cdf = below = 0.0
+    while True:
+        prob = math.exp(k * math.log(rate) - rate - math.lgamma(k + 1.0))
+        cdf += prob
+        if not classes and cdf <= POISSON_TAIL:
+            below += prob  # lumped into the first class kept
+        else:
+            classes.append([float(k), prob])
+        if len(classes) >= 2 and k >= rate and 1.0 - cdf <= POISSON_TAIL:
+            break
+        k += 1
+    classes[0][1] += below  # (the count shifts the mean by less than a tail's worth; the last class restores it)
+    size = math.ceil(len(classes) / POISSON_MAX_CLASSES)  # neighbouring counts merged, at their mean
+    if size > 1:
+        groups = [classes[i:i + size] for i in range(0, len(classes), size)]
+        classes = [[sum(c[0] * c[1] for c in g) / sum(c[1] for c in g), sum(c[1] for c in g)] for g in groups]
+    others = classes[:-1]
+    last = 1.0 - sum(c[1] for c in others)
+    return [(c[0], c[1]) for c in others] + [((rate - sum(c[0] * c[1] for c in others)) / last, last)]

@@ -485,8 +485,9 @@ class HilPlant:
                     c.finish_s = math.nan
                     requests[i] = c
                     dropped.append(c)
+        server = ServerCounters(cap.tokens, token_times_s=cap.token_times_s)
         view = HilDeploymentRecords(recs.name, recs.cfg, recs.model, recs.gpu_spec,
-                                    [EnergyCounter(e) for e in cap.energies_j], [ServerCounters(cap.tokens)],
+                                    [EnergyCounter(e) for e in cap.energies_j], [server],
                                     recs.target_tokens_per_s, requests, dropped)
         result = RunResult(self.scenario, cap.end_s, [view], Timeseries(cap.rows), cap.budget_windows, 0,
                            cap.wall_s, cap.infeasible_windows)

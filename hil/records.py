@@ -19,6 +19,7 @@ import pandas as pd
 
 from hil.report import hil_report
 from sim.io import write_json_atomic, write_parquet_atomic, write_text_atomic
+from sim.itl import ItlPieces, from_token_times
 from sim.metrics import requests_frame, summarize, timeseries_frame
 from sim.plant import RunResult
 from sim.scenario import DeploymentConfig, Scenario, scenario_to_yaml
@@ -45,10 +46,15 @@ class ServerCounters:
     tokens: int = 0
     iterations: int = 0  # not observable on a real server; reported as null
     preemptions: int = 0  # idem
+    token_times_s: dict[int, list[float]] | None = None  # request id -> streamed token times (final records only)
 
     def tokens_generated_now(self) -> int:
         """Output tokens streamed so far."""
         return self.tokens
+
+    def itl_pieces(self) -> ItlPieces:
+        """The gaps between each request's streamed tokens (none before the run's final records)."""
+        return from_token_times(self.token_times_s)
 
 
 @dataclass

@@ -31,6 +31,8 @@ METRICS = (
     ("ttft_p99_s", "TTFT p99 (s)", "{:.4f}"),
     ("tpot_p50_s", "TPOT p50 (s)", "{:.5f}"),
     ("tpot_p99_s", "TPOT p99 (s)", "{:.5f}"),
+    ("itl_p50_s", "ITL p50 (s)", "{:.5f}"),
+    ("itl_p99_s", "ITL p99 (s)", "{:.5f}"),
 )
 
 

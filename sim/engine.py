@@ -22,6 +22,7 @@ from collections.abc import Callable
 import simpy
 
 from sim.gpu import SimGpu
+from sim.itl import ItlPieces
 from sim.physics import ReplicaPhysics, Stretch
 from sim.workload import Request
 
@@ -83,6 +84,10 @@ class Engine:
         self.iterations = 0  # engine iterations run
         self.preemptions = 0
         self.timer_events = 0  # SimPy events this engine scheduled
+        # Steps that advanced decoding requests: (the stretch or iteration as run, decoding requests). Each of
+        # its iterations gave every one of them a token, one inter-token gap of that iteration's duration.
+        self._decode_log: list[tuple[Stretch, int]] = []
+        self._it: Stretch | None = None  # iteration stepping: the iteration in flight
         self._cap = min(g.get_power_limit_w() for g in gpus)  # lockstep ranks: the lowest cap binds
         for gpu in gpus:
             gpu.on_limit_change(self._on_cap_change)
@@ -150,6 +155,16 @@ class Engine:
         if self.iteration_stepping:
             return self._iter_done
         return self._stretch.iterations_done_by(self.env.now - self._start_s)
+
+    def itl_pieces(self) -> ItlPieces:
+        """The inter-token gaps of every token this engine's steps gave a decoding request (see ``sim.itl``;
+        a preempted request's wait for its recomputation is not one)."""
+        log = [(step, n, None) for step, n in self._decode_log]
+        s = self._stretch
+        if s is not None and self._n_dec and not self.iteration_stepping:  # the iterations done of the one in flight
+            log.append((s, self._n_dec, s.iterations_done_by(self.env.now - self._start_s)))
+        return ItlPieces.of((first, last, count * n) for step, n, m in log
+                            for first, last, count in step.duration_runs(m))
 
     def unfinished_requests(self) -> list[Request]:
         """Running and waiting requests, their progress up to now written back (for the records at the end of
@@ -307,6 +322,7 @@ class Engine:
         self._replan = False
         if self.iteration_stepping:
             it = self._iteration(0)
+            self._it = it
             self.ledger.begin(it)
             self._schedule(it.total_time_s())
         else:
@@ -364,10 +380,14 @@ class Engine:
         assert s is not None
         if self.iteration_stepping:
             self._iter_done += 1
-            if self.on_tokens is not None and self._n_dec:
-                self.on_tokens(list(self.decoding.values()), 1)
+            if self._n_dec:
+                assert self._it is not None
+                self._decode_log.append((self._it, self._n_dec))
+                if self.on_tokens is not None:
+                    self.on_tokens(list(self.decoding.values()), 1)
             if self._iter_done < s.iterations and not self._replan:
                 it = self._iteration(self._iter_done)
+                self._it = it
                 self.ledger.begin(it)
                 self._schedule(it.total_time_s())
                 return
@@ -380,8 +400,11 @@ class Engine:
         self.iterations += m
         finished: list[Request] = []
         if self._n_dec:
-            if self.on_tokens is not None and not self.iteration_stepping:
-                self.on_tokens(list(self.decoding.values()), m)
+            if not self.iteration_stepping:
+                assert self._stretch is not None
+                self._decode_log.append((self._stretch, self._n_dec))
+                if self.on_tokens is not None:
+                    self.on_tokens(list(self.decoding.values()), m)
             self.G += m
             self.tokens_generated += self._n_dec * m
             heap = self._finish_heap

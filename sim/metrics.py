@@ -1,8 +1,8 @@
 """Records to DataFrames, and the run summary.
 
 ``requests.parquet`` has one row per request; ``timeseries.parquet`` one row per control period and GPU.
-The summary holds ``totals`` and ``deployments.<name>`` with throughput, energy, latency percentiles, SLO
-attainment and budget adherence.
+The summary holds ``totals`` and ``deployments.<name>`` with throughput, energy, latency percentiles (TTFT, TPOT
+and end-to-end per request; inter-token latency per token, ``sim.itl``), SLO attainment and budget adherence.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sim.itl import ItlPieces, percentiles
 from sim.plant import RECORD_COLUMNS, TIMESERIES_COLUMNS, RunResult
 
 REQUEST_COLUMNS = ("deployment", "request_id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
@@ -120,6 +121,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
     power_cfg = result.scenario.power
     tot_completed = tot_dropped = tot_slo = 0
     total_gpus = sum(len(d.gpus) for d in result.deployments)
+    itl_all: list[ItlPieces] = []
     for dep in result.deployments:
         reqs = requests[requests["deployment"] == dep.name]
         done = reqs[reqs["status"] == "completed"]
@@ -134,13 +136,15 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
             "throughput_tokens_per_s"].sum()
         power, share_w = per_window["power"].to_numpy(), per_window["share"].to_numpy()
         system_j = _system_energy_j(power, per_window["window"].to_numpy(), len(dep.gpus), power_cfg)
+        itl = ItlPieces.concat(e.itl_pieces() for e in dep.engines)
+        itl_all.append(itl)
         deployments[dep.name] = {
             "model": dep.model.name, "gpu": dep.gpu_spec.name, "num_gpus": len(dep.gpus),
             "requests_submitted": len(reqs), "requests_completed": len(done), "requests_dropped": len(reqs) - len(done),
             "output_tokens": int(tokens), "throughput_tokens_per_s": tokens / end if end > 0 else 0.0,
             "energy_j": energy, "avg_power_w": energy / end if end > 0 else 0.0,
             "tokens_per_j": tokens / energy if energy > 0 else 0.0,
-            **_latency(done),
+            **_latency(done), **percentiles(itl),
             "slo_attainment": slo / len(reqs) if len(reqs) else math.nan,
             "budget_violation_fraction": _violations(power, share_w),
             "power_tracking_error_w": _tracking_error(power, share_w),
@@ -167,7 +171,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         "output_tokens": int(tot_tokens), "throughput_tokens_per_s": tot_tokens / end if end > 0 else 0.0,
         "energy_j": tot_energy, "avg_power_w": tot_energy / end if end > 0 else 0.0,
         "tokens_per_j": tot_tokens / tot_energy if tot_energy > 0 else 0.0,
-        **_latency(done_all),
+        **_latency(done_all), **percentiles(ItlPieces.concat(itl_all)),
         "slo_attainment": tot_slo / len(requests) if len(requests) else math.nan,
         "budget_violation_fraction": _violations(bw[:, 1], bw[:, 2]),
         "power_tracking_error_w": _tracking_error(bw[:, 1], bw[:, 2]),

@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from sim.catalog.calibration import engine_params
 from sim.catalog.gpus import GpuSpec, get_gpu
 from sim.catalog.models import load_model
@@ -154,15 +152,16 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
 
     Static batches: the whole run (every batch alike), seen through the row's power window
     (``measured_as_row``). Saturated: the windows after the first quarter of the run (past the start-up burst
-    of prefills), and the median over requests of the time per output token.
+    of prefills). The median inter-token latency over every token of the run (``sim.itl``), as a serving
+    benchmark measures it.
     """
     from sim.run import run_scenario
 
     scenario = row_scenario(row, seed)
     out = run_scenario(scenario)
+    itl = out.summary["totals"]["itl_p50_s"]
     if row.workload == "static-batches":
         t = out.summary["totals"]
-        itl = _median_tpot(out.requests)
         pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl)
         return measured_as_row(row, row_physics(row), pred)
     ts = out.timeseries
@@ -172,13 +171,4 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     tokens = float((window["throughput_tokens_per_s"] * window["window_s"]).sum())
     energy = float((steady["power_w"] * steady["window_s"]).sum())  # energy_j is the cumulative counter
     n_gpus = int(steady["gpu"].nunique())
-    done = out.requests[out.requests["first_token_s"] >= 0.25 * scenario.duration_s]
-    return RowPrediction(tokens / span, energy / span / n_gpus, _median_tpot(done))
-
-
-def _median_tpot(requests: Any) -> float:
-    done = requests[(requests["status"] == "completed") & (requests["output_tokens"] > 1)]
-    if done.empty:
-        return math.nan
-    tpot = (done["finish_s"] - done["first_token_s"]) / (done["output_tokens"] - 1)
-    return float(np.median(tpot.to_numpy()))
+    return RowPrediction(tokens / span, energy / span / n_gpus, itl)

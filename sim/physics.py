@@ -546,6 +546,24 @@ class Stretch:
         return (self.iter_time(j) * self._p_static + self._e_c * (self.c0 + self.c1 * j)
                 + self._e_m0 + self._e_m1 * j)
 
+    def duration_runs(self, m: int | None = None) -> list[tuple[float, float, int]]:
+        """The durations of the first ``m`` iterations (all by default) as at most three runs, each linear in the
+        iteration index, ``(first_s, last_s, iterations)``: those held at the launch floor, then those where one
+        roofline term rules, then those where the other does."""
+        m = self.iterations if m is None else m
+        n = min(self._floor_n, m)
+        runs = [(self._floor + self.x, self._floor + self.x, n)] if n > 0 else []
+        if m > n:
+            a1, b1, a2, b2 = self._a1, self._b1, self._a2, self._b2
+            split = m
+            if b1 != b2:
+                cross = (a1 - a2) / (b2 - b1)
+                split = n if cross <= n else (m if cross >= m else max(n, min(m, math.ceil(cross))))
+            for lo, hi in ((n, split), (split, m)):
+                if hi > lo:
+                    runs.append((self.iter_time(lo), self.iter_time(hi - 1), hi - lo))
+        return runs
+
     def time_of(self, m: int) -> float:
         """Time to run the first ``m`` iterations."""
         n = self._floor_n

@@ -21,6 +21,8 @@ SUMMARY_ROWS = (
     ("ttft_p99_s", "TTFT p99 (s)", "{:.3f}"),
     ("tpot_p50_s", "TPOT p50 (s)", "{:.4f}"),
     ("tpot_p99_s", "TPOT p99 (s)", "{:.4f}"),
+    ("itl_p50_s", "ITL p50 (s)", "{:.4f}"),
+    ("itl_p99_s", "ITL p99 (s)", "{:.4f}"),
     ("e2e_p50_s", "E2E p50 (s)", "{:.2f}"),
     ("e2e_p99_s", "E2E p99 (s)", "{:.2f}"),
     ("slo_attainment", "SLO attainment", "{:.1%}"),

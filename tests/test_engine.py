@@ -141,6 +141,11 @@ def test_event_and_iteration_stepping_agree(case):
         rel = np.abs(x[both] - y[both]) / np.maximum(np.abs(y[both]), 1e-12)
         assert rel.max(initial=0.0) <= 1e-6, (case, col, rel.max())
     assert ev.summary["totals"]["energy_j"] == pytest.approx(it.summary["totals"]["energy_j"], rel=1e-6)
+    # Inter-token latency: iteration stepping records every gap on its own; event stepping spreads a stretch's
+    # gaps evenly between its first and last iteration's, which its durations are (linear in the iteration)
+    # up to the spacing of one iteration.
+    for q in ("itl_p50_s", "itl_p99_s"):
+        assert ev.summary["totals"][q] == pytest.approx(it.summary["totals"][q], rel=1e-3), (case, q)
     # The point of event stepping: far fewer simulation events for the same answer.
     assert ev.summary["totals"]["sim_events"] < it.summary["totals"]["sim_events"]
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -160,6 +161,11 @@ def test_hil_run_writes_the_outputs_of_pals_run(finished_run: dict) -> None:
     assert len(tokens) == summary["totals"]["output_tokens"]  # every streamed token has its time
     per_request = tokens.groupby("request_id")["token"].count()
     assert (per_request.loc[done["request_id"]].to_numpy() == done["generated_tokens"].to_numpy()).all()
+    # Inter-token latency over every streamed token: the gaps between each request's successive tokens.
+    gaps = tokens.sort_values(["request_id", "token"]).groupby("request_id")["time_s"].diff().dropna().to_numpy()
+    assert len(gaps) > 100
+    assert summary["totals"]["itl_p50_s"] == pytest.approx(float(np.quantile(gaps, 0.5, method="inverted_cdf")))
+    assert summary["totals"]["itl_p99_s"] == pytest.approx(float(np.quantile(gaps, 0.99, method="inverted_cdf")))
 
 
 def test_controller_caps_reach_the_twin_and_are_restored(finished_run: dict) -> None:
@@ -191,11 +197,11 @@ def test_hil_validate_reports_finite_errors(finished_run: dict) -> None:
     res = pals("hil", "validate", out)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
-    for label in ("output tokens/s", "avg GPU power (W)", "tokens/J", "TTFT p99 (s)", "TPOT p50 (s)"):
+    for label in ("output tokens/s", "avg GPU power (W)", "tokens/J", "TTFT p99 (s)", "TPOT p50 (s)", "ITL p50 (s)"):
         assert label in res.stdout
     record = json.loads((out / "hil_validation.json").read_text())
     assert set(record["metrics"]) == {"throughput_tokens_per_s", "avg_power_w", "energy_j", "tokens_per_j",
-                                      "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s"}
+                                      "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s"}
     for m in record["metrics"].values():
         assert m["error"] is not None and math.isfinite(m["error"])
     # The twin is the simulator: throughput over the same requests agrees closely.

@@ -45,6 +45,20 @@ def test_single_request_timeline_is_prefill_then_decodes():
     assert result.end_s == pytest.approx(t_finish, rel=REL)
 
 
+def test_inter_token_latency_counts_every_gap_between_tokens():
+    # Two requests prefilled together, then 3 decode iterations for both: 6 gaps, two of each iteration's duration.
+    sc = tiny({"kind": "static-batches", "batch_size": 2, "requests": 2, "prompt_tokens": 100, "output_tokens": 4})
+    phys = build_physics(sc, sc.deployments[0])
+    out = run_scenario(sc)
+    gaps = [_decode_iteration_s(phys, [100 + j, 100 + j]) for j in range(3)]
+    assert gaps[0] < gaps[1] < gaps[2]
+    t = out.summary["totals"]
+    assert t["itl_p50_s"] == pytest.approx(gaps[1], rel=1e-9)  # the middle iteration (durations grow linearly)
+    assert gaps[1] < t["itl_p99_s"] <= gaps[2] * (1 + 1e-12)
+    # TPOT is each request's mean gap: here the same, since every request saw every iteration.
+    assert t["tpot_p50_s"] == pytest.approx(sum(gaps) / 3, rel=1e-9)
+
+
 def test_second_arrival_joins_at_the_next_iteration_boundary(tmp_path):
     # Request A (prompt 50, 200 tokens) at t=0; request B arrives mid-decode and must wait for the iteration
     # in flight to end, then is prefilled in a step that also decodes A.

@@ -1,0 +1,89 @@
+"""Inter-token latency (ITL): the time between two successive output tokens of one request, over every such
+pair in a run, as serving benchmarks report it (vLLM's ``benchmark_serving``, ML.ENERGY's median ITL).
+
+It is not the time per output token (TPOT, each request's mean gap): under continuous batching most gaps are
+pure-decode steps and a few are steps that also prefill new prompts, so the median ITL is a decode step while
+the median TPOT averages the prefills in. A simulated engine knows every step's duration and how many decoding
+requests it advanced, so its ITL distribution is exact without recording tokens: a decode stretch of ``k``
+iterations whose durations grow linearly with the iteration index contributes ``k`` runs of ``n`` gaps spread
+evenly between its first and last durations. A hardware run has the streamed tokens' times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import numpy as np
+
+
+class ItlPieces(NamedTuple):
+    """Inter-token gaps as runs: ``gaps[i]`` gaps spread evenly over ``[first_s[i], last_s[i]]`` (a point when
+    equal)."""
+
+    first_s: np.ndarray
+    last_s: np.ndarray
+    gaps: np.ndarray
+
+    @staticmethod
+    def of(runs: Iterable[tuple[float, float, float]]) -> ItlPieces:
+        """Pieces from ``(first_s, last_s, gaps)`` runs."""
+        arr = np.array(list(runs), dtype=float).reshape(-1, 3)
+        return ItlPieces(arr[:, 0], arr[:, 1], arr[:, 2])
+
+    @staticmethod
+    def concat(parts: Iterable[ItlPieces]) -> ItlPieces:
+        """All the gaps of several pieces."""
+        parts = list(parts)
+        if not parts:
+            return ItlPieces.of([])
+        return ItlPieces(*(np.concatenate([getattr(p, f) for p in parts]) for f in ItlPieces._fields))
+
+
+def from_token_times(token_times_s: dict[int, list[float]] | None) -> ItlPieces:
+    """The gaps between the successive streamed tokens of each request (none without token times)."""
+    if not token_times_s:
+        return ItlPieces.of([])
+    gaps = np.array([b - a for times in token_times_s.values() for a, b in itertools.pairwise(times)], dtype=float)
+    return ItlPieces(gaps, gaps, np.ones_like(gaps))
+
+
+def quantile_s(pieces: ItlPieces, q: float) -> float:
+    """The ``q`` quantile (0-1) of the gaps: the smallest time at or below which a share ``q`` of them lie, a run
+    counted as spread uniformly over its span. NaN without gaps.
+
+    The distribution is a sum of point masses and uniform densities, so its cumulative share is piecewise linear
+    between the runs' ends: sorted once, it is inverted exactly.
+    """
+    first, last, gaps = pieces
+    keep = gaps > 0
+    first, last, gaps = first[keep], last[keep], gaps[keep]
+    total = float(gaps.sum())
+    if total <= 0.0:
+        return math.nan
+    spread = last > first
+    density = gaps[spread] / (last[spread] - first[spread])
+    zeros_u, zeros_p = np.zeros(int(spread.sum())), np.zeros(int((~spread).sum()))
+    t = np.concatenate([first[spread], last[spread], first[~spread]])
+    d_change = np.concatenate([density, -density, zeros_p])
+    jump = np.concatenate([zeros_u, zeros_u, gaps[~spread]])
+    order = np.argsort(t, kind="stable")
+    t, d_change, jump = t[order], d_change[order], jump[order]
+    d_after = np.maximum(np.cumsum(d_change), 0.0)  # the density in force just after each breakpoint
+    area = np.concatenate([[0.0], d_after[:-1] * np.diff(t)])
+    cdf = np.cumsum(area + jump)  # gaps at or below each breakpoint
+    target = q * total
+    k = min(int(np.searchsorted(cdf, target, side="left")), len(t) - 1)
+    if k == 0:
+        return float(t[0])
+    need, d = target - cdf[k - 1], d_after[k - 1]
+    if d > 0.0 and need <= d * (t[k] - t[k - 1]):
+        return float(t[k - 1] + need / d)
+    return float(t[k])
+
+
+def percentiles(pieces: ItlPieces) -> dict[str, float]:
+    """Median and 99th percentile of the gaps, under the summary's names."""
+    return {"itl_p50_s": quantile_s(pieces, 0.5), "itl_p99_s": quantile_s(pieces, 0.99)}

@@ -19,12 +19,15 @@ import math
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
 import simpy
 
 from sim.gpu import SimGpu
 from sim.itl import ItlPieces
-from sim.physics import ReplicaPhysics, Stretch
+from sim.physics import ReplicaPhysics, Stretch, duration_runs
 from sim.workload import Request
+
+LOG_FIELDS = 9  # a decode-log row: Stretch.shape (7), iterations run, decoding requests
 
 
 class Engine:
@@ -84,9 +87,11 @@ class Engine:
         self.iterations = 0  # engine iterations run
         self.preemptions = 0
         self.timer_events = 0  # SimPy events this engine scheduled
-        # Steps that advanced decoding requests: (the stretch or iteration as run, decoding requests). Each of
-        # its iterations gave every one of them a token, one inter-token gap of that iteration's duration.
-        self._decode_log: list[tuple[Stretch, int]] = []
+        # Steps that advanced decoding requests, flat: the stretch's (or iteration's) ``Stretch.shape``, the
+        # iterations run and the decoding requests. Each iteration gave every one of them a token: one
+        # inter-token gap of that iteration's duration. (Plain floats: holding the stretches themselves would
+        # keep tens of thousands of objects alive for the garbage collector to scan.)
+        self._decode_log: list[float] = []
         self._it: Stretch | None = None  # iteration stepping: the iteration in flight
         self._cap = min(g.get_power_limit_w() for g in gpus)  # lockstep ranks: the lowest cap binds
         for gpu in gpus:
@@ -159,12 +164,13 @@ class Engine:
     def itl_pieces(self) -> ItlPieces:
         """The inter-token gaps of every token this engine's steps gave a decoding request (see ``sim.itl``;
         a preempted request's wait for its recomputation is not one)."""
-        log = [(step, n, None) for step, n in self._decode_log]
+        log = list(self._decode_log)
         s = self._stretch
         if s is not None and self._n_dec and not self.iteration_stepping:  # the iterations done of the one in flight
-            log.append((s, self._n_dec, s.iterations_done_by(self.env.now - self._start_s)))
-        return ItlPieces.of((first, last, count * n) for step, n, m in log
-                            for first, last, count in step.duration_runs(m))
+            log += (*s.shape(), s.iterations_done_by(self.env.now - self._start_s), self._n_dec)
+        rows = np.array(log, dtype=float).reshape(-1, LOG_FIELDS)
+        first, last, count = duration_runs(rows[:, :-2], rows[:, -2])
+        return ItlPieces(first, last, count * np.tile(rows[:, -1], 3))
 
     def unfinished_requests(self) -> list[Request]:
         """Running and waiting requests, their progress up to now written back (for the records at the end of
@@ -382,7 +388,8 @@ class Engine:
             self._iter_done += 1
             if self._n_dec:
                 assert self._it is not None
-                self._decode_log.append((self._it, self._n_dec))
+                self._decode_log += self._it.shape()
+                self._decode_log += (1, self._n_dec)
                 if self.on_tokens is not None:
                     self.on_tokens(list(self.decoding.values()), 1)
             if self._iter_done < s.iterations and not self._replan:
@@ -402,7 +409,8 @@ class Engine:
         if self._n_dec:
             if not self.iteration_stepping:
                 assert self._stretch is not None
-                self._decode_log.append((self._stretch, self._n_dec))
+                self._decode_log += self._stretch.shape()
+                self._decode_log += (m, self._n_dec)
                 if self.on_tokens is not None:
                     self.on_tokens(list(self.decoding.values()), m)
             self.G += m

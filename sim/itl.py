@@ -50,9 +50,9 @@ def from_token_times(token_times_s: dict[int, list[float]] | None) -> ItlPieces:
     return ItlPieces(gaps, gaps, np.ones_like(gaps))
 
 
-def quantile_s(pieces: ItlPieces, q: float) -> float:
-    """The ``q`` quantile (0-1) of the gaps: the smallest time at or below which a share ``q`` of them lie, a run
-    counted as spread uniformly over its span. NaN without gaps.
+def quantiles_s(pieces: ItlPieces, qs: tuple[float, ...]) -> list[float]:
+    """The ``qs`` quantiles (0-1) of the gaps: for each, the smallest time at or below which that share of them
+    lie, a run counted as spread uniformly over its span. NaN without gaps.
 
     The distribution is a sum of point masses and uniform densities, so its cumulative share is piecewise linear
     between the runs' ends: sorted once, it is inverted exactly.
@@ -62,7 +62,7 @@ def quantile_s(pieces: ItlPieces, q: float) -> float:
     first, last, gaps = first[keep], last[keep], gaps[keep]
     total = float(gaps.sum())
     if total <= 0.0:
-        return math.nan
+        return [math.nan for _ in qs]
     spread = last > first
     density = gaps[spread] / (last[spread] - first[spread])
     zeros_u, zeros_p = np.zeros(int(spread.sum())), np.zeros(int((~spread).sum()))
@@ -74,16 +74,19 @@ def quantile_s(pieces: ItlPieces, q: float) -> float:
     d_after = np.maximum(np.cumsum(d_change), 0.0)  # the density in force just after each breakpoint
     area = np.concatenate([[0.0], d_after[:-1] * np.diff(t)])
     cdf = np.cumsum(area + jump)  # gaps at or below each breakpoint
-    target = q * total
-    k = min(int(np.searchsorted(cdf, target, side="left")), len(t) - 1)
-    if k == 0:
-        return float(t[0])
-    need, d = target - cdf[k - 1], d_after[k - 1]
-    if d > 0.0 and need <= d * (t[k] - t[k - 1]):
-        return float(t[k - 1] + need / d)
-    return float(t[k])
+    out = []
+    for q in qs:
+        target = q * total
+        k = min(int(np.searchsorted(cdf, target, side="left")), len(t) - 1)
+        if k == 0:
+            out.append(float(t[0]))
+            continue
+        need, d = target - cdf[k - 1], d_after[k - 1]
+        out.append(float(t[k - 1] + need / d) if d > 0.0 and need <= d * (t[k] - t[k - 1]) else float(t[k]))
+    return out
 
 
 def percentiles(pieces: ItlPieces) -> dict[str, float]:
     """Median and 99th percentile of the gaps, under the summary's names."""
-    return {"itl_p50_s": quantile_s(pieces, 0.5), "itl_p99_s": quantile_s(pieces, 0.99)}
+    p50, p99 = quantiles_s(pieces, (0.5, 0.99))
+    return {"itl_p50_s": p50, "itl_p99_s": p99}

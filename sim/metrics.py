@@ -138,13 +138,14 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         system_j = _system_energy_j(power, per_window["window"].to_numpy(), len(dep.gpus), power_cfg)
         itl = ItlPieces.concat(e.itl_pieces() for e in dep.engines)
         itl_all.append(itl)
+        itl_pct = percentiles(itl)
         deployments[dep.name] = {
             "model": dep.model.name, "gpu": dep.gpu_spec.name, "num_gpus": len(dep.gpus),
             "requests_submitted": len(reqs), "requests_completed": len(done), "requests_dropped": len(reqs) - len(done),
             "output_tokens": int(tokens), "throughput_tokens_per_s": tokens / end if end > 0 else 0.0,
             "energy_j": energy, "avg_power_w": energy / end if end > 0 else 0.0,
             "tokens_per_j": tokens / energy if energy > 0 else 0.0,
-            **_latency(done), **percentiles(itl),
+            **_latency(done), **itl_pct,
             "slo_attainment": slo / len(reqs) if len(reqs) else math.nan,
             "budget_violation_fraction": _violations(power, share_w),
             "power_tracking_error_w": _tracking_error(power, share_w),
@@ -171,7 +172,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         "output_tokens": int(tot_tokens), "throughput_tokens_per_s": tot_tokens / end if end > 0 else 0.0,
         "energy_j": tot_energy, "avg_power_w": tot_energy / end if end > 0 else 0.0,
         "tokens_per_j": tot_tokens / tot_energy if tot_energy > 0 else 0.0,
-        **_latency(done_all), **percentiles(ItlPieces.concat(itl_all)),
+        **_latency(done_all), **(itl_pct if len(itl_all) == 1 else percentiles(ItlPieces.concat(itl_all))),
         "slo_attainment": tot_slo / len(requests) if len(requests) else math.nan,
         "budget_violation_fraction": _violations(bw[:, 1], bw[:, 2]),
         "power_tracking_error_w": _tracking_error(bw[:, 1], bw[:, 2]),

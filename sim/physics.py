@@ -44,6 +44,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+
 from sim.catalog.gpus import GpuSpec
 from sim.catalog.models import ModelSpec
 from sim.routing import ExpertPopularity, busiest_rank_factor
@@ -435,6 +437,26 @@ class ReplicaPhysics:
         return lo
 
 
+def duration_runs(shapes: np.ndarray, iterations: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The durations of the first ``iterations[i]`` iterations of stretches of ``Stretch.shape`` ``shapes[i]``, as
+    runs each linear in the iteration index: ``(first_s, last_s, count)`` arrays, three runs per stretch (those
+    held at the launch floor, then those where one roofline term rules, then the other; some empty)."""
+    a1, b1, a2, b2, floor, floor_n, x = shapes.T
+    m = iterations.astype(float)
+    n = np.minimum(floor_n, m)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # parallel lines never cross: inf
+        cross = np.where(b1 != b2, (a1 - a2) / (b2 - b1), np.inf)
+    split = np.clip(np.ceil(cross), n, m)
+
+    def t(j: np.ndarray) -> np.ndarray:
+        return np.maximum(np.maximum(a1 + b1 * j, a2 + b2 * j), floor) + x
+
+    first = np.concatenate([floor + x, t(n), t(split)])
+    last = np.concatenate([floor + x, t(split - 1), t(m - 1)])
+    count = np.concatenate([n, split - n, m - split])
+    return first, last, count
+
+
 def _sum_linear(a: float, b: float, lo: int, hi: int) -> float:
     """``sum_{j=lo}^{hi-1} (a + b·j)``."""
     n = hi - lo
@@ -546,23 +568,11 @@ class Stretch:
         return (self.iter_time(j) * self._p_static + self._e_c * (self.c0 + self.c1 * j)
                 + self._e_m0 + self._e_m1 * j)
 
-    def duration_runs(self, m: int | None = None) -> list[tuple[float, float, int]]:
-        """The durations of the first ``m`` iterations (all by default) as at most three runs, each linear in the
-        iteration index, ``(first_s, last_s, iterations)``: those held at the launch floor, then those where one
-        roofline term rules, then those where the other does."""
-        m = self.iterations if m is None else m
-        n = min(self._floor_n, m)
-        runs = [(self._floor + self.x, self._floor + self.x, n)] if n > 0 else []
-        if m > n:
-            a1, b1, a2, b2 = self._a1, self._b1, self._a2, self._b2
-            split = m
-            if b1 != b2:
-                cross = (a1 - a2) / (b2 - b1)
-                split = n if cross <= n else (m if cross >= m else max(n, min(m, math.ceil(cross))))
-            for lo, hi in ((n, split), (split, m)):
-                if hi > lo:
-                    runs.append((self.iter_time(lo), self.iter_time(hi - 1), hi - lo))
-        return runs
+    def shape(self) -> tuple[float, float, float, float, float, int, float]:
+        """The closed form's constants ``(a1, b1, a2, b2, floor, floor_n, x)``: iteration ``j`` lasts
+        ``max(a1 + b1·j, a2 + b2·j, floor) + x``, the first ``floor_n`` of them at the floor (see
+        ``duration_runs``)."""
+        return self._a1, self._b1, self._a2, self._b2, self._floor, self._floor_n, self.x
 
     def time_of(self, m: int) -> float:
         """Time to run the first ``m`` iterations."""

@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from sim.build import build_physics, cuda_graph_max_tokens
 from sim.catalog import GPUS, load_model
-from sim.physics import CAP_TOLERANCE_W, EngineOverheads, Parallelism, ReplicaPhysics, StepWork, Stretch, sum_max_linear
+from sim.physics import (
+    CAP_TOLERANCE_W,
+    EngineOverheads,
+    Parallelism,
+    ReplicaPhysics,
+    StepWork,
+    Stretch,
+    duration_runs,
+    sum_max_linear,
+)
 from sim.routing import ExpertPopularity, busiest_rank_factor, expected_distinct_uniform
 from sim.run import run_scenario
 from sim.scenario import EngineConfig
@@ -239,6 +248,12 @@ def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac
     done = s.iterations_done_by(elapsed)
     assert sum(times[:done]) <= elapsed * (1 + 1e-12)
     assert done == k or sum(times[: done + 1]) > elapsed * (1 - 1e-12)
+    # The first ``done`` iterations' durations as runs linear in the index (the inter-token gaps): laid out
+    # evenly from each run's first to its last duration, they are the iterations' own, in order.
+    first, last, count = duration_runs(np.array([s.shape()]), np.array([done]))
+    laid = np.concatenate([np.linspace(a, b, int(n)) for a, b, n in zip(first, last, count, strict=True)])
+    assert len(laid) == done
+    assert laid == pytest.approx(times[:done], rel=1e-9, abs=1e-15)
 
 
 def test_a_step_past_the_cuda_graph_limit_waits_for_its_kernel_launches():

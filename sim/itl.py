@@ -4,9 +4,10 @@ pair in a run, as serving benchmarks report it (vLLM's ``benchmark_serving``, ML
 It is not the time per output token (TPOT, each request's mean gap): under continuous batching most gaps are
 pure-decode steps and a few are steps that also prefill new prompts, so the median ITL is a decode step while
 the median TPOT averages the prefills in. A simulated engine knows every step's duration and how many decoding
-requests it advanced, so its ITL distribution is exact without recording tokens: a decode stretch of ``k``
-iterations whose durations grow linearly with the iteration index contributes ``k`` runs of ``n`` gaps spread
-evenly between its first and last durations. A hardware run has the streamed tokens' times.
+requests it advanced, so its ITL distribution follows without recording tokens: a decode stretch of ``k``
+iterations advancing ``n`` requests gives ``n·k`` gaps, its iterations' durations, which grow linearly with the
+iteration index (in up to three runs, where a launch floor or a change of roofline term bends the line), so
+each run's gaps lie evenly between its first and last durations. A hardware run has the streamed tokens' times.
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def import_argonne(path: str | Path) -> pd.DataFrame:
     """Argonne LLM-Inference-Bench power results: static batches, input = output tokens, power in mW.
 
     ``Throughput`` there counts input and output tokens; output throughput is ``batch × output / latency``.
-    The power average also covers a second of idle after the batch (``ARGONNE_POWER_IDLE_TAIL_S``).
+    ``avg_power`` is GPU 0's (the probe reads one device; the ranks of a tensor-parallel replica draw alike), and
+    it also covers a second of idle after the batch (``ARGONNE_POWER_IDLE_TAIL_S``).
     Only the vLLM rows are kept (the others are TensorRT-LLM and DeepSpeed-MII, other engines), and only GPUs
     the catalog has (not GH200).
     """
@@ -239,7 +240,7 @@ def import_argonne(path: str | Path) -> pd.DataFrame:
         "power_cap_w": raw["Hardware"].map(ARGONNE_GPUS).map(lambda g: GPUS[g].default_power_limit_w),
         "max_num_seqs": batch, "workload": "static-batches", "prompt_tokens_mean": length,
         "output_tokens_mean": length, "throughput_tokens_per_s": batch * length / latency,
-        "power_w_per_gpu": pd.to_numeric(raw["avg_power"], errors="coerce") / 1000.0 / n, "itl_median_s": math.nan,
+        "power_w_per_gpu": pd.to_numeric(raw["avg_power"], errors="coerce") / 1000.0, "itl_median_s": math.nan,
         "power_idle_tail_s": ARGONNE_POWER_IDLE_TAIL_S})
     return normalise(table, str(p))
 

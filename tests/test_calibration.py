@@ -79,6 +79,17 @@ def test_mlenergy_power_is_per_gpu_and_argonne_is_in_watts():
     assert first["throughput_tokens_per_s"] == pytest.approx(1484.8 / 2, rel=1e-3)
 
 
+def test_argonne_power_is_one_gpus_even_on_several(tmp_path):
+    # benchmark_power.py probes GPU 0 only (gpuPowerProbe(gpu_id=0)): its avg_power is per GPU at any TP size.
+    csv = tmp_path / "power_results.csv"
+    csv.write_text("Hardware,Num of Hardware,Framework,Model,Input Output Length,Batch Size,Latency,Throughput,"
+                   "avg_power\nNvidia H100 GPU,2,vLLM,meta-llama/Meta-Llama-3-8B,1024,16,10.0,3276.8,450000.0\n")
+    row = import_argonne(csv).iloc[0]
+    assert (row["num_gpus"], row["tensor_parallel"]) == (2, 2)
+    assert row["power_w_per_gpu"] == pytest.approx(450.0)
+    assert row["throughput_tokens_per_s"] == pytest.approx(16 * 1024 / 10.0)
+
+
 def test_argonne_power_means_include_a_second_of_idle_and_predictions_see_the_same_window(tmp_path):
     # benchmark_power.py samples NVML from the start of one generate call until a second after it returns.
     a = argonne()

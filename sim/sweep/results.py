@@ -28,7 +28,7 @@ RESULTS_FILE = "results.parquet"
 METRIC_COLUMNS = (
     "duration_s", "num_gpus", "requests_completed", "requests_dropped", "output_tokens",
     "throughput_tokens_per_s", "energy_j", "avg_power_w", "tokens_per_j",
-    "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s",
+    "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s", "e2e_p99_s",
     "slo_attainment", "budget_violation_fraction", "power_tracking_error_w", "budget_infeasible_fraction",
     "qos_violation_fraction", "system_energy_j", "system_tokens_per_j", "sim_events",
 )

@@ -307,28 +307,32 @@ def test_against_pals_a100_measurements():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.floats(1e-6, 5000.0))
-def test_prefill_count_classes_are_a_poisson_law_with_its_tails_lumped(rate):
-    from scipy.stats import poisson
+@given(st.integers(1, 4096), st.floats(1.0, 1e5))
+def test_prefill_counts_are_a_binomial_law_with_its_tails_lumped(running, mean_output):
+    from scipy.stats import binom
 
-    from sim.control.models import POISSON_MAX_CLASSES, POISSON_TAIL, poisson_classes
+    from sim.control.models import COUNT_TAIL, MAX_COUNT_CLASSES, prefill_count_classes
 
-    classes = poisson_classes(rate)
+    classes = prefill_count_classes(running, mean_output)
     counts = [k for k, _ in classes]
     probs = [p for _, p in classes]
-    assert 2 <= len(classes) <= POISSON_MAX_CLASSES
-    assert counts == sorted(counts) and min(probs) > 0.0
+    rate = running / mean_output
+    assert 1 <= len(classes) <= MAX_COUNT_CLASSES
+    assert counts == sorted(counts) and min(probs) > 0.0 and max(counts) <= running * (1 + 1e-9)
     assert sum(probs) == pytest.approx(1.0, abs=1e-12)
     assert sum(k * p for k, p in classes) == pytest.approx(rate, rel=1e-9, abs=1e-15)
-    if rate < 3.0:  # one class per count, from none: the law itself, but for the lumped upper tail
+    p = 1.0 / mean_output
+    if rate < 3.0 and len(classes) > 1:  # one class per count, from none: the law itself, but for the lumped tail
         assert counts[:-1] == list(range(len(classes) - 1))
-        assert probs[:-1] == pytest.approx(poisson.pmf(counts[:-1], rate), rel=1e-9)
-        assert probs[-1] == pytest.approx(poisson.sf(counts[-2], rate), rel=1e-6)  # every count above the others
-        assert counts[-1] >= counts[-2] + 1 and poisson.sf(counts[-2] + 1, rate) <= POISSON_TAIL
+        assert probs[:-1] == pytest.approx(binom.pmf(counts[:-1], running, p), rel=1e-9)
+        assert probs[-1] == pytest.approx(binom.sf(counts[-2], running, p), rel=1e-6)  # every count above
+        assert counts[-1] >= counts[-2] + 1 - 1e-9 and binom.sf(counts[-2] + 1, running, p) <= COUNT_TAIL
+    # One-token outputs: every sequence finishes, and is replaced, at every iteration.
+    assert prefill_count_classes(running, 1.0) == [(float(running), 1.0)]
 
 
-def test_served_steps_carry_as_many_prefills_as_poisson_finishes_give():
-    from sim.control.models import PhysicsModel, poisson_classes
+def test_served_steps_carry_as_many_prefills_as_independent_finishes_give():
+    from sim.control.models import PhysicsModel, prefill_count_classes
 
     phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism(), cuda_graph_max_tokens=512)
     p, o = 1000, 100  # prompts long enough that a prefill lengthens a step (a short one hides under its HBM time)
@@ -341,12 +345,12 @@ def test_served_steps_carry_as_many_prefills_as_poisson_finishes_give():
 
     # b / O = 0.08 finishes per iteration: 92 % of steps decode only, and the median step is one of them.
     assert model.median_step_s(700.0, 8) == pytest.approx(step_s(8, 0), rel=1e-9)
-    # 0.9 per iteration: 41 % decode only, 37 % carry one prefill, so the median step carries exactly one (an
+    # 0.9 per iteration: 40 % decode only, 37 % carry one prefill, so the median step carries exactly one (an
     # average mixed step would carry 1.5).
     assert model.median_step_s(700.0, 90) == pytest.approx(step_s(90, 1), rel=1e-9)
     assert step_s(90, 0) < step_s(90, 1) < step_s(90, 2)
     # Throughput: b·O tokens over O iterations, whose mean duration weighs each count by its probability.
-    mean_s = sum(w * step_s(90, round(k)) for k, w in poisson_classes(0.9))
+    mean_s = sum(w * step_s(90, round(k)) for k, w in prefill_count_classes(90, 100))
     assert model.predict(700.0, 90).tokens_per_s == pytest.approx(90 / mean_s, rel=1e-3)
 
 

@@ -112,12 +112,12 @@ class PhysicsModel(_MemoModel):
         # the KV cache holds about b·(P + O·(1 + cv²)/2) tokens (the mean context of a running sequence).
         context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
         b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
-        # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled. Finishes
-        # of many independent sequences arrive as a Poisson stream of b/O per iteration, so an iteration carries
-        # k prefills with Poisson(b/O) probability (O·(1 - e^(-b/O)) of them at least one), each such step
-        # also decoding the others: a step with one short prefill is not one with three.
+        # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled. The
+        # sequences finish independently, so an iteration carries k prefills with binomial probability (about
+        # Poisson(b/O): O·(1 - e^(-b/O)) iterations carry at least one), each such step also decoding the others:
+        # a step with one short prefill is not one with three.
         steps = []
-        for k, share in poisson_classes(b / o):
+        for k, share in prefill_count_classes(b, o):
             ctx = (b - k) * context
             if k == 0.0:
                 work = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
@@ -224,34 +224,46 @@ class RandomForestModel(_MemoModel):
         return Prediction(max(tokens, 1e-9), max(float(self._power.predict(x)[0]), 1e-9))
 
 
-POISSON_TAIL = 1e-4  # prefill counts in a tail less likely than this are lumped into the class next to it
-POISSON_MAX_CLASSES = 16  # beyond this many counts, neighbouring ones are merged (at large rates)
+COUNT_TAIL = 1e-4  # prefill counts in a tail less likely than this are lumped into the class next to it
+MAX_COUNT_CLASSES = 16  # beyond this many counts, neighbouring ones are merged (at large rates)
 
 
-def poisson_classes(rate: float) -> list[tuple[float, float]]:
-    """``(k, probability)`` for the number of prefills an iteration carries (Poisson with mean ``rate``).
+def prefill_count_classes(running: float, mean_output: float) -> list[tuple[float, float]]:
+    """``(k, probability)`` for the number of prefills an iteration of a saturated engine carries.
 
-    Counts in the lower or upper tail (below ``POISSON_TAIL``) are lumped into the first or last class kept, and
-    at large rates neighbouring counts are merged (at most ``POISSON_MAX_CLASSES`` classes), each class at its
-    mean count: the probabilities sum to 1 and the mean count is ``rate`` exactly.
+    Each of the ``running`` sequences finishes at a given iteration with probability ``1 / mean_output`` (lengths
+    spread like a geometric law's), and each finish admits a new prompt: the count is binomial, with mean
+    ``running / mean_output``; Poisson when many sequences run and each rarely finishes, all of them every
+    iteration when outputs are one token long. Counts in the lower or upper tail (below ``COUNT_TAIL``) are
+    lumped into the first or last class kept, and at large rates neighbouring counts are merged (at most
+    ``MAX_COUNT_CLASSES`` classes), each class at its mean count: the probabilities sum to 1 and the mean count
+    is ``running / mean_output`` exactly.
     """
-    if rate <= 0.0:
+    n = max(1, round(running))
+    rate = running / mean_output
+    p = min(1.0, rate / n)
+    if p >= 1.0:
+        return [(float(n), 1.0)]
+    if p <= 0.0:
         return [(0.0, 1.0)]
-    k = max(0, math.floor(rate - 10.0 * math.sqrt(rate) - 10.0))  # what lies below has probability < 1e-20
+    rate = n * p
+    sd = math.sqrt(rate * (1.0 - p))
+    k = max(0, math.floor(rate - 10.0 * sd - 10.0))  # what lies below has probability < 1e-20
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1.0)
     classes: list[list[float]] = []  # [count, probability]
     cdf = below = 0.0
     while True:
-        prob = math.exp(k * math.log(rate) - rate - math.lgamma(k + 1.0))
+        prob = math.exp(log_n - math.lgamma(k + 1.0) - math.lgamma(n - k + 1.0) + k * log_p + (n - k) * log_q)
         cdf += prob
-        if not classes and cdf <= POISSON_TAIL:
+        if not classes and cdf <= COUNT_TAIL:
             below += prob  # lumped into the first class kept
         else:
             classes.append([float(k), prob])
-        if len(classes) >= 2 and k >= rate and 1.0 - cdf <= POISSON_TAIL:
+        if k >= n or (len(classes) >= 2 and k >= rate and 1.0 - cdf <= COUNT_TAIL):
             break
         k += 1
     classes[0][1] += below  # (the count shifts the mean by less than a tail's worth; the last class restores it)
-    size = math.ceil(len(classes) / POISSON_MAX_CLASSES)  # neighbouring counts merged, at their mean
+    size = math.ceil(len(classes) / MAX_COUNT_CLASSES)  # neighbouring counts merged, at their mean
     if size > 1:
         groups = [classes[i:i + size] for i in range(0, len(classes), size)]
         classes = [[sum(c[0] * c[1] for c in g) / sum(c[1] for c in g), sum(c[1] for c in g)] for g in groups]

@@ -361,7 +361,7 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "- **8xH100.** No measurement in `../shared/data` varies an H100's power limit: its fit "
               "(ML.ENERGY, Argonne) sees only the default 700 W, so how its clock and HBM energy respond to caps "
               "is extrapolated (the voltage curve stays at its first estimates): memory-bound decode loses little down "
-              "to ~400 W (under 1 %), then 5-16 % at 300 W, 25-34 % at 250 W and 45-52 % at 200 W, and prefill-heavy "
+              "to ~400 W (under 1 %), then 6-17 % at 300 W, 26-35 % at 250 W and 46-53 % at 200 W, and prefill-heavy "
               "steps slow with the clock. "
               "Read the H100 gains below with that uncertainty.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "

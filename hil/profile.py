@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pandas as pd
 
 from hil.engine import EngineDriver, ServerInfo, normalise_url, probe_server
 from hil.telemetry import read_gpu, window_power_w
 from sim.errors import PalsError
 from sim.gpu import Gpu
+from sim.itl import ItlPieces, quantiles_s
 from sim.profile import normalise
 from sim.workload import Request
 
@@ -78,6 +78,7 @@ class PointMeasurement:
     throughput_tokens_per_s: float
     power_w_per_gpu: float
     itl_median_s: float
+    itl_p99_s: float
     requests_completed: int
     drop_reasons: list[str]
 
@@ -124,13 +125,13 @@ async def _measure_point(driver: EngineDriver, gpus: list[Gpu], spec: ProfileSpe
             c.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
     window = t1 - t0
-    itls = [b - a for times in driver.token_times_s.values() for a, b in itertools.pairwise(times)
-            if a >= t0 and b <= t1]
+    gaps = np.array([b - a for times in driver.token_times_s.values() for a, b in itertools.pairwise(times)
+                     if a >= t0 and b <= t1], dtype=float)
     driver.token_times_s.clear()
+    itl_p50, itl_p99 = quantiles_s(ItlPieces(gaps, gaps, np.ones_like(gaps)), (0.5, 0.99))
     powers = [window_power_w(a, b, window) for a, b in zip(start, end, strict=True)]
-    return PointMeasurement((tokens1 - tokens0) / window, float(sum(powers) / len(powers)),
-                            float(statistics.median(itls)) if itls else math.nan, sat.completed - done0,
-                            sat.drop_reasons), sat.next_id
+    return PointMeasurement((tokens1 - tokens0) / window, float(sum(powers) / len(powers)), itl_p50, itl_p99,
+                            sat.completed - done0, sat.drop_reasons), sat.next_id
 
 
 async def _sweep(spec: ProfileSpec, gpus: list[Gpu], url: str, caps_w: list[float], batches: list[int],
@@ -153,7 +154,8 @@ async def _sweep(spec: ProfileSpec, gpus: list[Gpu], url: str, caps_w: list[floa
                     f"{m.power_w_per_gpu:.1f} W per GPU, {m.requests_completed} requests in the window")
                 rows.append({"power_cap_w": float(cap), "max_num_seqs": int(batch),
                              "throughput_tokens_per_s": m.throughput_tokens_per_s,
-                             "power_w_per_gpu": m.power_w_per_gpu, "itl_median_s": m.itl_median_s})
+                             "power_w_per_gpu": m.power_w_per_gpu, "itl_median_s": m.itl_median_s,
+                             "itl_p99_s": m.itl_p99_s})
     return server, rows
 
 

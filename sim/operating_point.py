@@ -11,7 +11,7 @@ Two predictors share the row's physics:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sim.catalog.calibration import engine_params
@@ -39,6 +39,7 @@ class RowPrediction:
     throughput_tokens_per_s: float
     power_w_per_gpu: float
     itl_median_s: float
+    itl_p99_s: float = math.nan
 
 
 def parallelism(row: Any) -> tuple[Parallelism, int]:
@@ -92,9 +93,11 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
     kv = kv_capacity_tokens(phys, 0.9, budget)
     model = PhysicsModel(phys, replicas, row.prompt_tokens_mean, row.output_tokens_mean, budget, static_batches=static,
                          kv_capacity_tokens=kv, output_tokens_cv=getattr(row, "output_tokens_cv", 0.0))
-    pred = model.predict(row.power_cap_w, int(row.max_num_seqs))
+    cap, b = row.power_cap_w, int(row.max_num_seqs)
+    pred = model.predict(cap, b)
     return measured_as_row(row, phys, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
-                                                    model.median_step_s(row.power_cap_w, int(row.max_num_seqs))))
+                                                    model.step_quantile_s(cap, b, 0.5),
+                                                    model.step_quantile_s(cap, b, 0.99)))
 
 
 def measured_as_row(row: Any, phys: ReplicaPhysics, pred: RowPrediction) -> RowPrediction:
@@ -107,7 +110,7 @@ def measured_as_row(row: Any, phys: ReplicaPhysics, pred: RowPrediction) -> RowP
     _, replicas = parallelism(row)
     batch_s = replicas * int(row.max_num_seqs) * row.output_tokens_mean / pred.throughput_tokens_per_s
     power_w = (pred.power_w_per_gpu * batch_s + phys.gpu.idle_power_w * tail_s) / (batch_s + tail_s)
-    return RowPrediction(pred.throughput_tokens_per_s, power_w, pred.itl_median_s)
+    return replace(pred, power_w_per_gpu=power_w)
 
 
 def row_scenario(row: Any, seed: int = 0) -> Scenario:
@@ -152,17 +155,17 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
 
     Static batches: the whole run (every batch alike), seen through the row's power window
     (``measured_as_row``). Saturated: the windows after the first quarter of the run (past the start-up burst
-    of prefills). The median inter-token latency over every token of the run (``sim.itl``), as a serving
-    benchmark measures it.
+    of prefills). The median and 99th percentile of the inter-token latency over every token of the run
+    (``sim.itl``), as a serving benchmark measures them.
     """
     from sim.run import run_scenario
 
     scenario = row_scenario(row, seed)
     out = run_scenario(scenario)
-    itl = out.summary["totals"]["itl_p50_s"]
+    itl, itl_p99 = out.summary["totals"]["itl_p50_s"], out.summary["totals"]["itl_p99_s"]
     if row.workload == "static-batches":
         t = out.summary["totals"]
-        pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl)
+        pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl, itl_p99)
         return measured_as_row(row, row_physics(row), pred)
     ts = out.timeseries
     steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
@@ -171,4 +174,4 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     tokens = float((window["throughput_tokens_per_s"] * window["window_s"]).sum())
     energy = float((steady["power_w"] * steady["window_s"]).sum())  # energy_j is the cumulative counter
     n_gpus = int(steady["gpu"].nunique())
-    return RowPrediction(tokens / span, energy / span / n_gpus, itl)
+    return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99)

@@ -1,10 +1,13 @@
 """The profile table: measured or simulated operating points of a deployment, one row each, as CSV.
 
-Columns (units in the names; ``itl_median_s`` may be empty):
+Columns (units in the names; ``itl_median_s`` and ``itl_p99_s`` may be empty):
 
 ``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
 prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s,
-power_idle_tail_s``
+itl_p99_s, power_idle_tail_s``
+
+``itl_median_s`` and ``itl_p99_s`` are the median and 99th percentile of the inter-token latency over every
+token (``sim.itl``); ``pals calibrate`` fits the median, ``pals validate`` reports both.
 
 ``output_tokens_cv`` (optional, 0 when absent) is the coefficient of variation (std / mean) of the output
 lengths. Under continuous batching it sets how much context the running sequences carry: a long request stays
@@ -40,11 +43,12 @@ from sim.io import write_text_atomic
 
 COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
            "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "output_tokens_cv",
-           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "power_idle_tail_s")
+           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "power_idle_tail_s")
 WORKLOADS = ("static-batches", "saturate")
 _INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
 # columns a table may leave out, and their values then
-_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "power_idle_tail_s": 0.0}
+_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "itl_p99_s": math.nan, "power_idle_tail_s": 0.0}
+_NULLABLE = ("itl_median_s", "itl_p99_s")  # measured only by some benchmarks: empty is allowed
 _POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
 
 # Hugging Face ids in the public datasets → catalog names.
@@ -103,7 +107,7 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")
         _raise_first(bad, df, where, col, "a number")
-        if col != "itl_median_s":
+        if col not in _NULLABLE:
             _raise_first(values.isna(), df, where, col, "a number")
         if col in _INT_COLUMNS:
             _raise_first((values < 1) | (values != values.round()), df, where, col, "a positive integer")
@@ -111,12 +115,14 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
         else:
             if col in _POSITIVE:
                 _raise_first(values <= 0, df, where, col, "a positive number")
-            elif col == "itl_median_s":
+            elif col in _NULLABLE:
                 _raise_first(values <= 0, df, where, col, "a positive number or empty")
             else:
                 _raise_first(values < 0, df, where, col, "a non-negative number")
             df[col] = values.astype("float64")
     _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
+    _raise_first(df["itl_p99_s"] < df["itl_median_s"], df, where, "itl_p99_s",
+                 "a 99th percentile no smaller than itl_median_s")
     _raise_first((df["workload"] == "saturate") & (df["power_idle_tail_s"] > 0), df, where, "power_idle_tail_s",
                  "0 on a saturate row (an idle tail after one batch applies to static batches)")
     return df[list(COLUMNS)].reset_index(drop=True)
@@ -199,6 +205,7 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
                     "throughput_tokens_per_s": float(c["output_throughput_tokens_per_sec"]),
                     "power_w_per_gpu": float(c["avg_power_watts"]) / n,
                     "itl_median_s": float(c["median_itl_ms"]) / 1000.0,
+                    "itl_p99_s": float(c["p99_itl_ms"]) / 1000.0,
                     "power_idle_tail_s": 0.0})  # power over the steady-state window only
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
@@ -294,7 +301,8 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
                              "output_tokens_cv": output_cv})
             p = simulate_row(row)
             rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
-                         "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s})
+                         "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s,
+                         "itl_p99_s": p.itl_p99_s})
     return normalise(pd.DataFrame(rows), "simulated profile")
 
 

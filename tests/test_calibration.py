@@ -70,6 +70,7 @@ def test_mlenergy_power_is_per_gpu_and_argonne_is_in_watts():
     row = t[(t["model"] == "llama-3.1-70b") & (t["gpu"] == "h100-sxm") & (t["max_num_seqs"] == 64)].iloc[0]
     assert row["power_w_per_gpu"] == pytest.approx(c["avg_power_watts"] / 4)
     assert row["itl_median_s"] == pytest.approx(c["median_itl_ms"] / 1000)
+    assert row["itl_p99_s"] == pytest.approx(c["p99_itl_ms"] / 1000)
     a = argonne()
     assert set(a["gpu"]) == {"a100-sxm4-40gb", "h100-sxm"}  # GH200 is not in the catalog; vLLM rows only
     assert len(a) == 16
@@ -170,10 +171,16 @@ def test_table_round_trips_and_bad_rows_name_line_and_field(tmp_path):
     with pytest.raises(ProfileError, match=r"line 3, field 'output_tokens_cv': expected a non-negative number"):
         read_table(path)
     # Optional columns may be left out: no spread of output lengths, no ITL measured.
-    t.drop(columns=["output_tokens_cv", "itl_median_s", "power_idle_tail_s"]).to_csv(path, index=False)
+    t.drop(columns=["output_tokens_cv", "itl_median_s", "itl_p99_s", "power_idle_tail_s"]).to_csv(path, index=False)
     back = read_table(path)
     assert (back["output_tokens_cv"] == 0).all() and back["itl_median_s"].isna().all()
-    assert (back["power_idle_tail_s"] == 0).all()
+    assert back["itl_p99_s"].isna().all() and (back["power_idle_tail_s"] == 0).all()
+    # A 99th percentile below the median is a broken row.
+    m = mlenergy_h100().head(3).copy()
+    m.loc[2, "itl_p99_s"] = 0.5 * m.loc[2, "itl_median_s"]
+    m.to_csv(path, index=False)
+    with pytest.raises(ProfileError, match=r"line 4, field 'itl_p99_s': expected a 99th percentile no smaller"):
+        read_table(path)
     path.write_text("source,gpu\nx,y\n")
     with pytest.raises(ProfileError, match="missing column"):
         read_table(path)

@@ -333,6 +333,8 @@ def test_hil_profile_on_the_twin(twin: str, scenario_path: Path, tmp_path: Path)
     assert list(table["source"]) == ["hil", "hil"] and list(table["power_cap_w"]) == [250.0, 700.0]
     assert (table["model"] == "llama-3.1-8b").all() and (table["gpu"] == "h100-sxm").all()
     assert (table["throughput_tokens_per_s"] > 0).all()
+    # Inter-token latency from the streamed tokens' gaps, as a serving benchmark measures it.
+    assert (table["itl_median_s"] > 0).all() and (table["itl_p99_s"] >= table["itl_median_s"]).all()
     low = table[table["power_cap_w"] == 250.0].iloc[0]
     assert low["power_w_per_gpu"] <= 250.0 * (1 + POWER_TOLERANCE)
     assert [d["power_limit_mw"] for d in devices(twin)] == [DEFAULT_LIMIT_MW]

@@ -81,13 +81,18 @@ class PhysicsModel(_MemoModel):
 
     def median_step_s(self, power_cap_w: float, max_num_seqs: int) -> float:
         """Median duration of the steady state's steps (the median inter-token latency)."""
+        return self.step_quantile_s(power_cap_w, max_num_seqs, 0.5)
+
+    def step_quantile_s(self, power_cap_w: float, max_num_seqs: int, q: float) -> float:
+        """The ``q`` quantile (0-1) of the steady state's step durations: the shortest step at or below which a
+        share ``q`` of them lie."""
         self.predict(power_cap_w, max_num_seqs)
         steps = sorted(self._steps[(float(power_cap_w), max(1, int(max_num_seqs)))])
-        half = 0.5 * sum(count for _, count in steps)
+        target = q * sum(count for _, count in steps)
         seen = 0.0
         for t, count in steps:
             seen += count
-            if seen >= half:
+            if seen >= target:
                 return t
         return steps[-1][0]
 

@@ -128,7 +128,7 @@ async def _measure_point(driver: EngineDriver, gpus: list[Gpu], spec: ProfileSpe
     gaps = np.array([b - a for times in driver.token_times_s.values() for a, b in itertools.pairwise(times)
                      if a >= t0 and b <= t1], dtype=float)
     driver.token_times_s.clear()
-    itl_p50, itl_p99 = quantiles_s(ItlPieces(gaps, gaps, np.ones_like(gaps)), (0.5, 0.99))
+    itl_p50, itl_p99 = quantiles_s(ItlPieces.of_gaps(gaps), (0.5, 0.99))
     powers = [window_power_w(a, b, window) for a, b in zip(start, end, strict=True)]
     return PointMeasurement((tokens1 - tokens0) / window, float(sum(powers) / len(powers)), itl_p50, itl_p99,
                             sat.completed - done0, sat.drop_reasons), sat.next_id

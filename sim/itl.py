@@ -35,6 +35,12 @@ class ItlPieces(NamedTuple):
         return ItlPieces(arr[:, 0], arr[:, 1], arr[:, 2])
 
     @staticmethod
+    def of_gaps(gaps: np.ndarray) -> ItlPieces:
+        """Pieces from single gaps (measured ones: each its own point)."""
+        gaps = np.asarray(gaps, dtype=float)
+        return ItlPieces(gaps, gaps, np.ones_like(gaps))
+
+    @staticmethod
     def concat(parts: Iterable[ItlPieces]) -> ItlPieces:
         """All the gaps of several pieces."""
         parts = list(parts)
@@ -47,8 +53,8 @@ def from_token_times(token_times_s: dict[int, list[float]] | None) -> ItlPieces:
     """The gaps between the successive streamed tokens of each request (none without token times)."""
     if not token_times_s:
         return ItlPieces.of([])
-    gaps = np.array([b - a for times in token_times_s.values() for a, b in itertools.pairwise(times)], dtype=float)
-    return ItlPieces(gaps, gaps, np.ones_like(gaps))
+    return ItlPieces.of_gaps(np.array([b - a for times in token_times_s.values()
+                                       for a, b in itertools.pairwise(times)], dtype=float))
 
 
 def quantiles_s(pieces: ItlPieces, qs: tuple[float, ...]) -> list[float]:

@@ -95,12 +95,12 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
                          kv_capacity_tokens=kv, output_tokens_cv=getattr(row, "output_tokens_cv", 0.0))
     cap, b = row.power_cap_w, int(row.max_num_seqs)
     pred = model.predict(cap, b)
-    return measured_as_row(row, phys, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
-                                                    model.step_quantile_s(cap, b, 0.5),
-                                                    model.step_quantile_s(cap, b, 0.99)))
+    return measured_as_row(row, phys.gpu, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
+                                                         model.step_quantile_s(cap, b, 0.5),
+                                                         model.step_quantile_s(cap, b, 0.99)))
 
 
-def measured_as_row(row: Any, phys: ReplicaPhysics, pred: RowPrediction) -> RowPrediction:
+def measured_as_row(row: Any, gpu: GpuSpec, pred: RowPrediction) -> RowPrediction:
     """A prediction seen through the row's power measurement: where its power mean also covers
     ``power_idle_tail_s`` of idle GPUs after one batch (see ``sim.profile``), the batch's energy plus the idle
     draw over that tail, divided by both durations."""
@@ -109,7 +109,7 @@ def measured_as_row(row: Any, phys: ReplicaPhysics, pred: RowPrediction) -> RowP
         return pred
     _, replicas = parallelism(row)
     batch_s = replicas * int(row.max_num_seqs) * row.output_tokens_mean / pred.throughput_tokens_per_s
-    power_w = (pred.power_w_per_gpu * batch_s + phys.gpu.idle_power_w * tail_s) / (batch_s + tail_s)
+    power_w = (pred.power_w_per_gpu * batch_s + gpu.idle_power_w * tail_s) / (batch_s + tail_s)
     return replace(pred, power_w_per_gpu=power_w)
 
 
@@ -166,7 +166,7 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     if row.workload == "static-batches":
         t = out.summary["totals"]
         pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl, itl_p99)
-        return measured_as_row(row, row_physics(row), pred)
+        return measured_as_row(row, get_gpu(row.gpu), pred)
     ts = out.timeseries
     steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
     window = steady.drop_duplicates(["time_s", "replica"])

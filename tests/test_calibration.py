@@ -101,11 +101,11 @@ def test_argonne_power_means_include_a_second_of_idle_and_predictions_see_the_sa
     phys = row_physics(row)
     idle_w = phys.gpu.idle_power_w
     # 2 prompts x 100 tokens at 50 tokens/s: a 4 s batch at 400 W, then 1 s idle.
-    seen = measured_as_row(row, phys, RowPrediction(50.0, 400.0, 0.02))
+    seen = measured_as_row(row, phys.gpu, RowPrediction(50.0, 400.0, 0.02))
     assert seen.power_w_per_gpu == pytest.approx((4 * 400.0 + 1 * idle_w) / 5)
     assert (seen.throughput_tokens_per_s, seen.itl_median_s) == (50.0, 0.02)
     row["power_idle_tail_s"] = 0.0
-    assert measured_as_row(row, phys, RowPrediction(50.0, 400.0, 0.02)).power_w_per_gpu == 400.0
+    assert measured_as_row(row, phys.gpu, RowPrediction(50.0, 400.0, 0.02)).power_w_per_gpu == 400.0
     # Both predictors apply it: the simulated batch and the closed form agree on the diluted power.
     one = a[(a["gpu"] == "h100-sxm") & (a["max_num_seqs"] == 1)].iloc[0]
     sim, ana = simulate_row(one), analytic_row(one, row_physics(one))

@@ -30,7 +30,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     """A metric table on the terminal: the first column left-aligned, the figures right-aligned."""
     table = Table(title=title)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)  # names whole, figures wrap
     for r in rows:
         table.add_row(*r)
     console.print(table)
@@ -190,7 +190,7 @@ def validate(
     """Simulate every row of a profile table; write validation.csv, validation.json (MAPE per metric, per
     source, model and GPU) and validation.html into --out."""
     from sim.profile import read_table
-    from sim.validate import METRICS, predict_table, write_validation
+    from sim.validate import predict_table, summary_table, write_validation
 
     try:
         if out.exists() and not out.is_dir():
@@ -200,10 +200,7 @@ def validate(
         summary = write_validation(validated, out, f"Validation of {table.name}")
     except (PalsError, ValueError) as exc:
         _fail(exc)
-    header = ["", "rows", *[f"{m} MAPE %" for m in METRICS]]
-    lines = [[name, str(b["rows"]), *[f"{b[m]:.1f}" if m in b else "-" for m in METRICS]]
-             for name, b in [("overall", summary["overall"]), *summary["by_model"].items()]]
-    print_table(f"{table.name}: predicted vs measured", header, lines)
+    print_table(f"{table.name}: predicted vs measured, MAPE (%)", *summary_table(summary))
     console.print(f"outputs in {out}/  (report: {out / 'validation.html'})")
 
 

@@ -6,7 +6,6 @@ per source, per model and per GPU) and ``validation.html`` (predicted vs measure
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from sim.operating_point import analytic_row, row_physics, simulate_row
 from sim.profile import check_catalog
 
 METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s")
+METRIC_LABELS = {"throughput_tokens_per_s": "throughput", "power_w_per_gpu": "power", "itl_median_s": "ITL p50",
+                 "itl_p99_s": "ITL p99"}
 
 
 def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> pd.DataFrame:
@@ -42,7 +43,8 @@ def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> 
 
 
 def mape_summary(validated: pd.DataFrame) -> dict[str, Any]:
-    """MAPE (%) per metric: overall and per source, model and GPU (ITL over the rows that measured it)."""
+    """MAPE (%) per metric: overall and per source, model, GPU and model on GPU (ITL over the rows that measured
+    it)."""
 
     def block(df: pd.DataFrame) -> dict[str, Any]:
         res: dict[str, Any] = {"rows": len(df)}
@@ -55,7 +57,22 @@ def mape_summary(validated: pd.DataFrame) -> dict[str, Any]:
     summary: dict[str, Any] = {"overall": block(validated)}
     for key in ("source", "model", "gpu"):
         summary[f"by_{key}"] = {str(k): block(g) for k, g in validated.groupby(key, sort=True)}
+    pairs = validated.groupby(["model", "gpu"], sort=True)
+    summary["by_model_gpu"] = {f"{model} on {gpu}": block(g) for (model, gpu), g in pairs}
     return summary
+
+
+def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the MAPE (%) table: overall, then each GPU and each model on each GPU where the table
+    covers several GPUs (a model's figures on two GPUs are not one figure), else each model."""
+    header = ["", "rows", *[METRIC_LABELS[m] for m in METRICS]]
+    blocks = [("overall", summary["overall"])]
+    if len(summary["by_gpu"]) > 1:
+        blocks += [*summary["by_gpu"].items(), *summary["by_model_gpu"].items()]
+    else:
+        blocks += list(summary["by_model"].items())
+    rows = [[name, str(b["rows"]), *[f"{b[m]:.1f}" if m in b else "-" for m in METRICS]] for name, b in blocks]
+    return header, rows
 
 
 def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str) -> str:
@@ -89,13 +106,12 @@ def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str
         batch_fig.add_trace(go.Scatter(x=g["max_num_seqs"], y=g["error_throughput_tokens_per_s_pct"], mode="markers",
                                        name=model, marker={"color": colours[model]}))
     batch_fig.update_layout(title="throughput error (%) by batch (max_num_seqs)", xaxis_type="log", height=400)
-    table_rows = "".join(
-        f"<tr><td>{name}</td><td>{b['rows']}</td>"
-        + "".join(f"<td>{b.get(m, math.nan):.1f}</td>" for m in METRICS) + "</tr>"
-        for name, b in [("overall", summary["overall"]), *[(f"{k}", v) for k, v in summary["by_model"].items()]])
-    head = "".join(f"<th>{m} MAPE %</th>" for m in METRICS)
+    header, rows = summary_table(summary)
+    head = "".join(f"<th>{h}</th>" for h in header)
+    table_rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return (f"<html><head><meta charset='utf-8'><title>{title}</title></head><body><h1>{title}</h1>"
-            f"<table border='1' cellpadding='4'><tr><th></th><th>rows</th>{head}</tr>{table_rows}</table>"
+            f"<p>Mean absolute percentage error, predicted vs measured:</p>"
+            f"<table border='1' cellpadding='4'><tr>{head}</tr>{table_rows}</table>"
             + fig.to_html(full_html=False, include_plotlyjs="inline")  # readable offline
             + batch_fig.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
 

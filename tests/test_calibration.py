@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -42,8 +43,13 @@ def pals() -> pd.DataFrame:
 
 
 @cache
+def mlenergy() -> pd.DataFrame:
+    return import_mlenergy(shared_data("mlenergy_v3"))
+
+
+@cache
 def mlenergy_h100() -> pd.DataFrame:
-    t = import_mlenergy(shared_data("mlenergy_v3"))
+    t = mlenergy()
     return t[t["gpu"] == "h100-sxm"].reset_index(drop=True)
 
 
@@ -375,6 +381,28 @@ def test_validate_cli_writes_its_three_files_and_rejects_unknown_models(tmp_path
     assert out.returncode == 2
     assert "line 3, field 'model': 'gpt-5' is not in the catalog" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_validate_reports_each_model_on_each_gpu_when_the_table_spans_gpus(tmp_path):
+    t = mlenergy()
+    rows = t[t["model"].isin(["llama-3.1-8b", "llama-3.1-70b"])].groupby(["model", "gpu"]).head(1)
+    assert set(rows["gpu"]) == {"h100-sxm", "b200"}
+    table = tmp_path / "t.csv"
+    write_table(rows.reset_index(drop=True), table)
+    out = subprocess.run([sys.executable, "-m", "sim.cli", "validate", str(table), "--out", str(tmp_path / "v"),
+                          "--analytic"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "v" / "validation.json").read_text())
+    pairs = {f"{m} on {g}" for m, g in zip(rows["model"], rows["gpu"], strict=True)}
+    assert set(summary["by_model_gpu"]) == pairs and len(pairs) == 4
+    v = pd.read_csv(tmp_path / "v" / "validation.csv")
+    for name, block in summary["by_model_gpu"].items():  # each block is its own row's error
+        model, gpu = name.split(" on ")
+        err = v[(v["model"] == model) & (v["gpu"] == gpu)]["error_power_w_per_gpu_pct"].abs()
+        assert block["rows"] == len(err) == 1
+        assert block["power_w_per_gpu"] == pytest.approx(float(err.iloc[0]), abs=0.01)
+    for name in [*pairs, "h100-sxm", "b200"]:  # whole names on an 80-column terminal, one line each
+        assert name in out.stdout
 
 
 # ----- accuracy on data the fit never saw ------------------------------------------------------------

@@ -36,6 +36,7 @@ PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row
 # step's launch time only shows once it exceeds the step's GPU work. vLLM launches a layer's ~20 kernels from
 # Python in a few hundred microseconds.
 FIRST_ENGINE = EngineOverheads(eager_launch_s=3e-4)
+HOST_POWER_STARTS = (0.1, 0.5, 0.9)  # first trials of the host-wait power (shares of the active base power)
 CORRELATION_REPORTED = 0.8  # parameter pairs whose estimates correlate at least this strongly are reported
 
 
@@ -69,6 +70,7 @@ PARAMS = (
     Param("compute_power_w", "gpu", 0.05, 1.2, "tdp"),
     Param("memory_power_w", "gpu", 0.0, 0.6, "tdp"),
     Param("kv_power_w", "gpu", 0.0, 0.6, "tdp"),
+    Param("host_power_share", "gpu", 0.0, 1.0),
     Param("voltage_floor", "gpu", 0.35, 1.0),
     Param("voltage_knee", "gpu", 0.15, 0.9),
     Param("collective_latency_s", "gpu", 1e-6, 1e-4),
@@ -85,9 +87,11 @@ PARAMS = (
 )
 
 
-# The voltage curve only shows in how a GPU slows under a power cap: without a row measured under a cap below
-# the default limit the data cannot place it, and the fit holds it at the first estimates.
-CAP_ONLY_PARAMS = ("voltage_floor", "voltage_knee")
+# The voltage curve only shows in how a GPU slows under a power cap, and the host-wait power in how the cap's
+# clock falls with the share of a step spent waiting on the host (at the max clock it merely trades against the
+# clocked base power): without a row measured under a cap below the default limit the data cannot place them,
+# and the fit holds them at the first estimates.
+CAP_ONLY_PARAMS = ("voltage_floor", "voltage_knee", "host_power_share")
 
 
 @dataclass
@@ -191,8 +195,18 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
         return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z_free - z0[free])])
 
-    sol = least_squares(residuals, z0[free], bounds=(0.0, 1.0), method="trf", max_nfev=max_evals,
-                        diff_step=1e-4)
+    # The residuals have separate minima along the host-wait power (the fit trades it against the clocked base
+    # power): start it at a few levels and keep the fit with the lowest cost (on these rows alone).
+    host = [p.name for p in PARAMS].index("host_power_share")
+    sol = None
+    for share in HOST_POWER_STARTS if free[host] else (None,):
+        z_start = z0.copy()
+        if share is not None:
+            z_start[host] = (share - lo[host]) / span[host]
+        candidate = least_squares(residuals, np.clip(z_start, 0.0, 1.0)[free], bounds=(0.0, 1.0), method="trf",
+                                  max_nfev=max_evals, diff_step=1e-4)
+        if sol is None or candidate.cost < sol.cost:
+            sol = candidate
     gpu, engine = _unpack(lo + full(sol.x) * span, base)
     held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f)
     std, correlated = _uncertainty(sol, [p.name for p, f in zip(PARAMS, free, strict=True) if f], span[free])

@@ -26,11 +26,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    """A metric table on the terminal: the first column left-aligned, the figures right-aligned."""
+def print_table(title: str, header: list[str], rows: list[list[str]], whole_names: bool = False) -> None:
+    """A metric table on the terminal: the first column left-aligned, the figures right-aligned
+    (``whole_names``: the first column never wrapped or cut, for names that differ only at their end)."""
     table = Table(title=title)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)  # names whole, figures wrap
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=whole_names and i == 0)
     for r in rows:
         table.add_row(*r)
     console.print(table)
@@ -200,7 +201,7 @@ def validate(
         summary = write_validation(validated, out, f"Validation of {table.name}")
     except (PalsError, ValueError) as exc:
         _fail(exc)
-    print_table(f"{table.name}: predicted vs measured, MAPE (%)", *summary_table(summary))
+    print_table(f"{table.name}: predicted vs measured, MAPE (%)", *summary_table(summary), whole_names=True)
     console.print(f"outputs in {out}/  (report: {out / 'validation.html'})")
 
 

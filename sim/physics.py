@@ -110,7 +110,8 @@ class StepWork(NamedTuple):
     ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the first two overlap, the
     third adds and scales with ``1 / clock``); ``fixed_s`` is communication plus host time; ``kv_s`` is the
     part of ``memory_s`` that reads the KV cache; ``launch_s`` is the host time to launch an eager step's
-    kernels (0 for a step replayed as a CUDA graph), a floor under the GPU part of the step.
+    kernels (0 for a step replayed as a CUDA graph), a floor under the GPU part of the step; ``host_s`` is the
+    host part of ``fixed_s`` (scheduling, per-sequence and per-request work), during which no kernel runs.
     """
 
     compute_s: float
@@ -119,6 +120,7 @@ class StepWork(NamedTuple):
     latency_s: float = 0.0
     kv_s: float = 0.0  # the KV-cache part of ``memory_s`` (it costs more energy per byte)
     launch_s: float = 0.0  # eager steps: host launch time, a floor under the GPU part of the step
+    host_s: float = 0.0  # the host part of ``fixed_s``: the GPU waits (see ``GpuSpec.host_power_share``)
 
 
 MIN_DUTY_CYCLE = 0.05  # below its lowest clock a capped GPU gates its clock down to this share of the time
@@ -220,6 +222,8 @@ class ReplicaPhysics:
         self._distinct_cache: dict[int, float] = {}
         self._busiest_cache: dict[int, float] = {}
         self._p_full = gpu.idle_power_w + gpu.active_base_power_w  # static power at the max clock
+        self._host_w = gpu.host_power_share * gpu.active_base_power_w  # above idle while waiting on the host
+        self._host_minus_base_w = self._host_w - gpu.active_base_power_w  # a host wait at the max clock
         # The lowest effective clock the governor may choose: the lowest clock, gated down to MIN_DUTY_CYCLE.
         self.lowest_clock = gpu.min_clock_fraction * MIN_DUTY_CYCLE
         self._p_compute = gpu.compute_power_w
@@ -289,7 +293,7 @@ class ReplicaPhysics:
         host = o.step_s + o.per_seq_s * num_seqs + o.per_request_s * num_new
         launch = self._eager_launch_s if num_tokens > self.cuda_graph_max_tokens else 0.0
         return StepWork((flops + expert_flops) / self._flops_rate, mem / self._bw, comm + host, latency, kv / self._bw,
-                        launch)
+                        launch, host)
 
     def kv_read_s(self, cached_tokens_full: float, cached_tokens_windowed: float = 0.0) -> float:
         """HBM time at full bandwidth to read this many cached tokens' KV once."""
@@ -310,13 +314,19 @@ class ReplicaPhysics:
         return (gpu_s if gpu_s > w.launch_s else w.launch_s) + w.fixed_s
 
     def step_energy_j(self, w: StepWork, f: float, t: float | None = None) -> float:
-        """Energy of one GPU for a step at clock fraction ``f`` (``t``: its duration, if known)."""
+        """Energy of one GPU for a step at clock fraction ``f`` (``t``: its duration, if known).
+
+        Idle power throughout; the clocked base power while kernels run (and during communication); a flat
+        ``host_power_share`` of the max-clock base while the GPU waits on the host (SMs gated, HBM and links
+        awake); the work's compute, memory and KV energy.
+        """
         g = self.gpu
         if t is None:
             t = self.step_time_s(w, f)
         v2 = voltage_squared(g, f)
-        return t * (g.idle_power_w + g.active_base_power_w * f * v2) + g.compute_power_w * v2 * w.compute_s \
-            + g.memory_power_w * w.memory_s + g.kv_power_w * w.kv_s
+        base_w = g.active_base_power_w * f * v2
+        return t * (g.idle_power_w + base_w) - w.host_s * (base_w - self._host_w) \
+            + g.compute_power_w * v2 * w.compute_s + g.memory_power_w * w.memory_s + g.kv_power_w * w.kv_s
 
     def step_power_w(self, w: StepWork, f: float) -> float:
         """Average power of one GPU over a step at clock fraction ``f``."""
@@ -334,7 +344,7 @@ class ReplicaPhysics:
         its power is a ratio of two linear functions of ``j`` and so monotone: the peak is at an end of the
         stretch or beside an iteration where the step turns from one regime to another.
         """
-        c0, m0, x, lat, kv0, launch = w0
+        c0, m0, x, lat, kv0, launch, host = w0
         js = [0] if k <= 1 else [0, k - 1]
         s = self.memory_speed(f)
         lat_s = lat / f
@@ -351,7 +361,9 @@ class ReplicaPhysics:
         # ``step_power_w`` of each candidate iteration, inlined with the same operations in the same order.
         g = self.gpu
         v2 = voltage_squared(g, f)
-        base_w = g.idle_power_w + g.active_base_power_w * f * v2
+        clocked_w = g.active_base_power_w * f * v2
+        base_w = g.idle_power_w + clocked_w
+        host_e = host * (self._host_w - clocked_w)  # the host wait draws its flat power, not the clocked base
         compute_w = g.compute_power_w * v2
         memory_w = g.memory_power_w
         kv_w = g.kv_power_w
@@ -360,7 +372,7 @@ class ReplicaPhysics:
             c, m = c0 + c1 * j, m0 + m1 * j
             t = max(c / f, m / s) + lat_s
             t = (t if t > launch else launch) + x
-            p = (t * base_w + compute_w * c + memory_w * m + kv_w * (kv0 + m1 * j)) / t
+            p = (t * base_w + host_e + compute_w * c + memory_w * m + kv_w * (kv0 + m1 * j)) / t
             if p > peak:
                 peak = p
         return peak
@@ -373,8 +385,9 @@ class ReplicaPhysics:
         composition or the cap changes.
         """
         # Natural draw at the max clock (inlined: the common, uncapped case). At f = 1 the memory speed is 1.
-        c0, m0, x, lat, kv0, launch = w0
+        c0, m0, x, lat, kv0, launch, host = w0
         p_full, p_c, p_m, p_kv = self._p_full, self._p_compute, self._p_memory, self._p_kv
+        host_e = host * self._host_minus_base_w
         js = [0] if k <= 1 else [0, k - 1]
         if k > 2:
             if m1 != c1:
@@ -388,7 +401,8 @@ class ReplicaPhysics:
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
             t = (c if c > m else m) + lat
-            p_max_clock = p_full + (p_c * c + p_m * m + p_kv * (kv0 + m1 * j)) / ((t if t > launch else launch) + x)
+            t = (t if t > launch else launch) + x
+            p_max_clock = p_full + (host_e + p_c * c + p_m * m + p_kv * (kv0 + m1 * j)) / t
             if p_max_clock > cap_w:
                 break
         else:
@@ -502,12 +516,12 @@ class Stretch:
     prefill-carrying step is a stretch of one iteration with zero slopes.
     """
 
-    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_m0", "_e_m1", "_floor", "_floor_n", "_memo", "_p_static",
-                 "_total_e", "_total_t", "c0", "c1", "clock", "iterations", "m0", "m1", "x")
+    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_h", "_e_m0", "_e_m1", "_floor", "_floor_n", "_memo",
+                 "_p_static", "_total_e", "_total_t", "c0", "c1", "clock", "iterations", "m0", "m1", "x")
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
-        c0, m0, x, lat, kv0, launch = work0
+        c0, m0, x, lat, kv0, launch, host = work0
         x += lat / clock
         floor = launch - lat / clock  # the launch floor under the larger of compute and memory time
         self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
@@ -520,14 +534,18 @@ class Stretch:
             self._a1, self._b1, self._a2, self._b2 = c0, c1, m0, m1
             self._p_static = phys._p_full
             self._e_c = phys._p_compute
+            self._e_h = host * phys._host_minus_base_w
         else:
             g = phys.gpu
             s = phys.memory_speed(clock)
             v2 = voltage_squared(g, clock)
             self._a1, self._b1 = c0 / clock, c1 / clock
             self._a2, self._b2 = m0 / s, m1 / s
-            self._p_static = g.idle_power_w + g.active_base_power_w * clock * v2
+            clocked_w = g.active_base_power_w * clock * v2
+            self._p_static = g.idle_power_w + clocked_w
             self._e_c = g.compute_power_w * v2
+            self._e_h = host * (phys._host_w - clocked_w)
+        # Each iteration's host wait draws the flat host power instead of the clocked base: ``_e_h`` per iteration.
         # The first ``_floor_n`` iterations sit at the floor (the roofline terms grow with j, the floor does not).
         self._floor = floor if floor > 0.0 else 0.0
         self._floor_n = _floor_iterations(self._a1, self._b1, self._a2, self._b2, floor, iterations) \
@@ -555,7 +573,7 @@ class Stretch:
             m = self.iterations
             tri = m * (m - 1) / 2.0
             self._total_e = (self.total_time_s() * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
-                             + self._e_m0 * m + self._e_m1 * tri)
+                             + (self._e_m0 + self._e_h) * m + self._e_m1 * tri)
         return self._total_e
 
     def iter_time(self, j: int) -> float:
@@ -566,7 +584,7 @@ class Stretch:
     def iter_energy(self, j: int) -> float:
         """Energy of one GPU during iteration ``j``."""
         return (self.iter_time(j) * self._p_static + self._e_c * (self.c0 + self.c1 * j)
-                + self._e_m0 + self._e_m1 * j)
+                + self._e_m0 + self._e_h + self._e_m1 * j)
 
     def shape(self) -> tuple[float, float, float, float, float, int, float]:
         """The closed form's constants ``(a1, b1, a2, b2, floor, floor_n, x)``: iteration ``j`` lasts
@@ -591,7 +609,7 @@ class Stretch:
         if t_m is None:
             t_m = self.time_of(m)
         return (t_m * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
-                + self._e_m0 * m + self._e_m1 * tri)
+                + (self._e_m0 + self._e_h) * m + self._e_m1 * tri)
 
     def iterations_done_by(self, elapsed_s: float) -> int:
         """Iterations completed within ``elapsed_s`` of the stretch's start (0..iterations)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from sim.physics import (
     Stretch,
     duration_runs,
     sum_max_linear,
+    voltage_squared,
 )
 from sim.routing import ExpertPopularity, busiest_rank_factor, expected_distinct_uniform
 from sim.run import run_scenario
@@ -228,20 +230,20 @@ def test_sum_max_linear_matches_brute_force(a1, b1, a2, b2, m):
 @settings(max_examples=100, deadline=None)
 @given(c0=st.floats(1e-5, 0.05), m0=st.floats(1e-5, 0.05), x=st.floats(0, 0.01), c1=st.floats(0, 1e-5),
        m1=st.floats(0, 1e-5), f=st.floats(0.2, 1.0), k=st.integers(1, 500), frac=st.floats(0, 1),
-       kv_share=st.floats(0, 1), lat=st.floats(0, 0.01), launch=st.floats(0, 0.1))
-def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac, kv_share, lat, launch):
+       kv_share=st.floats(0, 1), lat=st.floats(0, 0.01), launch=st.floats(0, 0.1), host_share=st.floats(0, 1))
+def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac, kv_share, lat, launch, host_share):
     """Closed forms against sums over iterations, also where an eager stretch's first iterations sit at their
-    launch floor and the later ones, grown past it, do not."""
+    launch floor and the later ones, grown past it, do not, and with part of the fixed time a host wait."""
     phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism())
     # The KV-cache part of the memory time starts at a share of it and is all of its growth.
-    s = Stretch(phys, StepWork(c0, m0, x, lat, kv_share * m0, launch), c1, m1, f, k)
+    s = Stretch(phys, StepWork(c0, m0, x, lat, kv_share * m0, launch, host_share * x), c1, m1, f, k)
     times = [s.iter_time(j) for j in range(k)]
     energies = [s.iter_energy(j) for j in range(k)]
     assert s.total_time_s() == pytest.approx(sum(times), rel=1e-9)
     assert s.total_energy_j() == pytest.approx(sum(energies), rel=1e-9)
     # Each iteration's time and energy equal the step formulas at that iteration's work.
     j = k // 2
-    wj = StepWork(c0 + c1 * j, m0 + m1 * j, x, lat, kv_share * m0 + m1 * j, launch)
+    wj = StepWork(c0 + c1 * j, m0 + m1 * j, x, lat, kv_share * m0 + m1 * j, launch, host_share * x)
     assert times[j] == pytest.approx(phys.step_time_s(wj, f), rel=1e-12)
     assert energies[j] == pytest.approx(phys.step_energy_j(wj, f), rel=1e-12)
     elapsed = frac * sum(times)
@@ -254,6 +256,29 @@ def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac
     laid = np.concatenate([np.linspace(a, b, int(n)) for a, b, n in zip(first, last, count, strict=True)])
     assert len(laid) == done
     assert laid == pytest.approx(times[:done], rel=1e-9, abs=1e-15)
+
+
+def test_a_host_wait_draws_idle_plus_the_host_power_at_any_clock():
+    """Energy = ∫ power dt over a step split by hand: kernels (and communication) draw idle + the clocked base
+    power + the work's own energy; the host wait draws idle + the flat host-wait power, whatever the clock."""
+    g = replace(GPUS["a100-sxm4-80gb"], idle_power_w=50.0, active_base_power_w=80.0, host_power_share=0.25,
+                compute_power_w=300.0, memory_power_w=100.0, kv_power_w=0.0, voltage_floor=0.8, voltage_knee=0.5)
+    e = EngineOverheads(step_s=2e-3, per_seq_s=0.0, per_request_s=1e-3)
+    phys = ReplicaPhysics(load_model("llama-3.1-8b"), g, Parallelism(), e)
+    w = phys.step_work(64, 64, 64, 64 * 500.0, 64 * 500.0, num_new=3)
+    assert w.host_s == pytest.approx(2e-3 + 3 * 1e-3, rel=1e-12)
+    for f in (1.0, 0.7, 0.3):
+        t = phys.step_time_s(w, f)
+        v2 = voltage_squared(g, f)
+        busy = t - w.host_s  # kernels and communication
+        expected = (busy * (50.0 + 80.0 * f * v2) + w.host_s * (50.0 + 20.0)
+                    + 300.0 * v2 * w.compute_s + 100.0 * w.memory_s)
+        assert phys.step_energy_j(w, f) == pytest.approx(expected, rel=1e-12)
+    # Without host time the step's power is the same as before the host-wait split.
+    bare = w._replace(fixed_s=w.fixed_s - w.host_s, host_s=0.0)
+    t = phys.step_time_s(bare, 1.0)
+    assert phys.step_energy_j(bare, 1.0) == pytest.approx(t * 130.0 + 300.0 * bare.compute_s + 100.0 * bare.memory_s,
+                                                          rel=1e-12)
 
 
 def test_a_step_past_the_cuda_graph_limit_waits_for_its_kernel_launches():

@@ -22,8 +22,8 @@ from typing import Any
 CALIBRATION_DIR = Path(os.environ.get("PALS_CALIBRATION_DIR",
                                       Path(__file__).resolve().parents[2] / "traces" / "calibration"))
 GPU_FIELDS = ("compute_efficiency", "memory_efficiency", "link_efficiency", "collective_latency_s", "idle_power_w",
-              "active_base_power_w", "compute_power_w", "memory_power_w", "kv_power_w", "voltage_floor",
-              "voltage_knee")
+              "active_base_power_w", "compute_power_w", "memory_power_w", "kv_power_w", "host_power_share",
+              "voltage_floor", "voltage_knee")
 
 
 @cache

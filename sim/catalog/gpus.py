@@ -1,7 +1,7 @@
 """GPU specifications and the per-GPU-type parameters of the physics.
 
 Datasheet figures carry their source in a comment. Physics parameters (efficiencies, the split of power
-into idle / active-base / compute / memory parts, the clock-power exponent) are first estimates that
+into idle / active-base / compute / memory / host-wait parts, the voltage curve) are first estimates that
 ``pals calibrate`` refines from measured profile tables; their basis is noted beside them.
 """
 
@@ -39,6 +39,9 @@ class GpuSpec:
     compute_power_w: float = 0.0  # extra power with tensor cores fully busy at max clock (∝ clock^alpha)
     memory_power_w: float = 0.0  # extra power with HBM streaming at full achieved bandwidth
     kv_power_w: float = 0.0  # further extra power while that stream is KV cache read by attention (paged gathers)
+    # While a step waits on the host no kernel runs: the GPU draws idle plus this share of the active base power
+    # at the max clock, flat at any clock (SMs gated, HBM and links awake). First estimate; fitted on capped rows.
+    host_power_share: float = 0.25
     voltage_floor: float = 0.6  # core voltage at and below the knee clock, relative to the max clock's
     voltage_knee: float = 0.5  # clock fraction below which the voltage stays at its floor
     power_limit_default_w: float = 0.0  # 0 → power_limit_max_w

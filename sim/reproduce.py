@@ -343,9 +343,9 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "configuration that keeps 80 % of the 400 W / batch-64 throughput gives 1.22-1.37x its tokens/J "
               "(mean 1.30; always batch 64, at 200-250 W), consistent with the paper's 1.263. The calibrated "
               "physics picks the same configurations (batch 64 at 200 W, 250 W for mixtral) and their throughput "
-              "within a few %, but predicts the uncapped batch-64 draw ~7 % below the measured one for "
-              "deepseek and qwen1.5 (289 against 312 W for deepseek): the baseline it improves on is more "
-              "efficient than the measured one, so its gain is smaller (1.26-1.28x in closed form). pals can pass "
+              "within a few %, but predicts the uncapped batch-64 draw ~8 % below the measured one for "
+              "deepseek and qwen1.5 (288 against 312 W for deepseek): the baseline it improves on is more "
+              "efficient than the measured one, so its gain is smaller (1.22-1.27x in closed form). pals can pass "
               "the oracle because its model is a little optimistic under a cap: it settles a cap step lower than "
               "the target strictly allows and trades some windows below the target for tokens/J.",
               "- **pals = cap-only.** Throughput and tokens/J rise with the batch up to 64 at every cap, so the "
@@ -353,17 +353,17 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "both choose the same way.",
               "- **Multi-node.** Our three simulated nodes draw ~4,000 W unconstrained (the paper's ~5,850 W), so "
               "the budget at the same tightness gives static an even share of ~180 W per GPU. There mixtral keeps "
-              "about 67 % of its unconstrained throughput (closed form), above its 60 % target, and misses it "
-              "in a seventh of the windows as the Poisson load fluctuates; deepseek and olmoe keep all of theirs at "
-              "that share. The need split moves power to mixtral and cuts its misses below 0.1 %, and gains 1.4 % "
+              "about 66 % of its unconstrained throughput (closed form), above its 60 % target, and misses it "
+              "in one window in fifteen as the Poisson load fluctuates; deepseek and olmoe keep all of theirs at "
+              "that share. The need split moves power to mixtral and cuts its misses below 0.1 %, and gains 3.1 % "
               "of system tokens/J rather than the paper's 12 %: the share static gives is already near the "
               "tokens/J optimum of the data (150-250 W).",
               "- **8xH100.** No measurement in `../shared/data` varies an H100's power limit: its fit "
               "(ML.ENERGY, Argonne) sees only the default 700 W, so how its clock and HBM energy respond to caps "
-              "is extrapolated (the voltage curve stays at its first estimates): memory-bound decode loses little down "
-              "to ~400 W (under 1 %), then 6-17 % at 300 W, 26-35 % at 250 W and 46-53 % at 200 W, and prefill-heavy "
-              "steps slow with the clock. "
-              "Read the H100 gains below with that uncertainty.",
+              "is extrapolated (the voltage curve and the host-wait power stay at their first estimates, and the "
+              "split of its draw between clocked base power and HBM traffic is loose): batch-64 serving "
+              "(mixtral TP2, qwen3-30b-a3b, llama-3.1-8b) loses 1-13 % of its throughput at 400 W, 28-40 % at "
+              "300 W, 44-53 % at 250 W and 60-66 % at 200 W. Read the H100 gains below with that uncertainty.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "
               "budget is batch 64 at the highest cap the budget allows, which is exactly what the fixed-batch "
               "policy that tracks the budget runs; pals finds the same configuration, so it keeps no more "

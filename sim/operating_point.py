@@ -40,6 +40,7 @@ class RowPrediction:
     power_w_per_gpu: float
     itl_median_s: float
     itl_p99_s: float = math.nan
+    running_seqs_mean: float = math.nan  # sequences running per replica, on average
 
 
 def parallelism(row: Any) -> tuple[Parallelism, int]:
@@ -97,7 +98,8 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
     pred = model.predict(cap, b)
     return measured_as_row(row, phys.gpu, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
                                                          model.step_quantile_s(cap, b, 0.5),
-                                                         model.step_quantile_s(cap, b, 0.99)))
+                                                         model.step_quantile_s(cap, b, 0.99),
+                                                         model.running_seqs(b)))
 
 
 def measured_as_row(row: Any, gpu: GpuSpec, pred: RowPrediction) -> RowPrediction:
@@ -163,15 +165,16 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     scenario = row_scenario(row, seed)
     out = run_scenario(scenario)
     itl, itl_p99 = out.summary["totals"]["itl_p50_s"], out.summary["totals"]["itl_p99_s"]
-    if row.workload == "static-batches":
+    ts = out.timeseries
+    if row.workload == "static-batches":  # (its few control windows do not sample the running batch)
         t = out.summary["totals"]
         pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl, itl_p99)
         return measured_as_row(row, get_gpu(row.gpu), pred)
-    ts = out.timeseries
     steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
     window = steady.drop_duplicates(["time_s", "replica"])
     span = float(steady.drop_duplicates("time_s")["window_s"].sum())
     tokens = float((window["throughput_tokens_per_s"] * window["window_s"]).sum())
     energy = float((steady["power_w"] * steady["window_s"]).sum())  # energy_j is the cumulative counter
     n_gpus = int(steady["gpu"].nunique())
-    return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99)
+    # Sequences running per replica, sampled at every window's end (as a Prometheus gauge is scraped).
+    return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99, float(window["batch"].mean()))

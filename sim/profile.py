@@ -1,13 +1,17 @@
 """The profile table: measured or simulated operating points of a deployment, one row each, as CSV.
 
-Columns (units in the names; ``itl_median_s`` and ``itl_p99_s`` may be empty):
+Columns (units in the names; ``itl_median_s``, ``itl_p99_s`` and ``running_seqs_mean`` may be empty):
 
 ``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
 prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s,
-itl_p99_s, power_idle_tail_s``
+itl_p99_s, power_idle_tail_s, running_seqs_mean``
 
 ``itl_median_s`` and ``itl_p99_s`` are the median and 99th percentile of the inter-token latency over every
 token (``sim.itl``); ``pals calibrate`` fits the median, ``pals validate`` reports both.
+
+``running_seqs_mean`` (optional) is the mean number of sequences a replica was running (vLLM's
+``num_requests_running``): ``max_num_seqs`` unless the step budget or the KV cache held fewer. ``pals validate``
+compares it on ``saturate`` rows; the fit does not use it.
 
 ``output_tokens_cv`` (optional, 0 when absent) is the coefficient of variation (std / mean) of the output
 lengths. Under continuous batching it sets how much context the running sequences carry: a long request stays
@@ -43,12 +47,14 @@ from sim.io import write_text_atomic
 
 COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
            "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "output_tokens_cv",
-           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "power_idle_tail_s")
+           "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "power_idle_tail_s",
+           "running_seqs_mean")
 WORKLOADS = ("static-batches", "saturate")
 _INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
 # columns a table may leave out, and their values then
-_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "itl_p99_s": math.nan, "power_idle_tail_s": 0.0}
-_NULLABLE = ("itl_median_s", "itl_p99_s")  # measured only by some benchmarks: empty is allowed
+_OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "itl_p99_s": math.nan, "power_idle_tail_s": 0.0,
+             "running_seqs_mean": math.nan}
+_NULLABLE = ("itl_median_s", "itl_p99_s", "running_seqs_mean")  # measured only by some benchmarks: may be empty
 _POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
 
 # Hugging Face ids in the public datasets → catalog names.
@@ -123,6 +129,8 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
     _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
     _raise_first(df["itl_p99_s"] < df["itl_median_s"], df, where, "itl_p99_s",
                  "a 99th percentile no smaller than itl_median_s")
+    _raise_first(df["running_seqs_mean"] > df["max_num_seqs"], df, where, "running_seqs_mean",
+                 "no more than max_num_seqs (sequences running per replica)")
     _raise_first((df["workload"] == "saturate") & (df["power_idle_tail_s"] > 0), df, where, "power_idle_tail_s",
                  "0 on a saturate row (an idle tail after one batch applies to static batches)")
     return df[list(COLUMNS)].reset_index(drop=True)
@@ -206,6 +214,7 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
                     "power_w_per_gpu": float(c["avg_power_watts"]) / n,
                     "itl_median_s": float(c["median_itl_ms"]) / 1000.0,
                     "itl_p99_s": float(c["p99_itl_ms"]) / 1000.0,
+                    "running_seqs_mean": float(c.get("avg_batch_size") or math.nan),  # measured where given
                     "power_idle_tail_s": 0.0})  # power over the steady-state window only
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
@@ -302,7 +311,7 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
             p = simulate_row(row)
             rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
                          "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s,
-                         "itl_p99_s": p.itl_p99_s})
+                         "itl_p99_s": p.itl_p99_s, "running_seqs_mean": p.running_seqs_mean})
     return normalise(pd.DataFrame(rows), "simulated profile")
 
 

@@ -17,9 +17,9 @@ from sim.io import write_json_atomic, write_text_atomic
 from sim.operating_point import analytic_row, row_physics, simulate_row
 from sim.profile import check_catalog
 
-METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s")
+METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "running_seqs_mean")
 METRIC_LABELS = {"throughput_tokens_per_s": "throughput", "power_w_per_gpu": "power", "itl_median_s": "ITL p50",
-                 "itl_p99_s": "ITL p99"}
+                 "itl_p99_s": "ITL p99", "running_seqs_mean": "running"}
 
 
 def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> pd.DataFrame:

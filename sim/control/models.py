@@ -110,13 +110,26 @@ class PhysicsModel(_MemoModel):
         self._steps[key] = durations
         return t_total, e_total
 
+    def running_seqs(self, max_num_seqs: int) -> float:
+        """Sequences a replica runs at once in the steady state: the batch knob, unless fewer fit.
+
+        Served: the step budget bounds how many sequences can be kept running (b·(1 + P/O) tokens per
+        iteration), and the KV cache holds about b·(P + O·(1 + cv²)/2) tokens (the mean context of a running
+        sequence). Static batches: a batch whose cache does not fit runs as many sequences at once as the cache
+        holds (each carrying P + O/2 tokens on average over its life); the rest wait.
+        """
+        p, o, b = self.prompt, self.output, float(max(1, max_num_seqs))
+        if self.static_batches:
+            fits = self.kv_capacity_tokens / (p + o / 2.0)
+            return float(max(1, math.floor(fits))) if fits < b else b
+        context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
+        return min(b, self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
+
     def _continuous(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
         key = (cap_w, b)
-        # The step budget bounds how many sequences can be kept running: b·(1 + P/O) tokens per iteration;
-        # the KV cache holds about b·(P + O·(1 + cv²)/2) tokens (the mean context of a running sequence).
         context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
-        b = min(float(b), self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
+        b = self.running_seqs(b)
         # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled. The
         # sequences finish independently, so an iteration carries k prefills with binomial probability (about
         # Poisson(b/O): O·(1 - e^(-b/O)) iterations carry at least one), each such step also decoding the others:
@@ -136,11 +149,8 @@ class PhysicsModel(_MemoModel):
     def _static(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
         key = (cap_w, b)
-        # A batch whose cache does not fit runs as many sequences at once as the KV cache holds (each carrying
-        # P + O/2 tokens on average over its life); the rest wait, so the batch goes by at that concurrency.
-        fits = self.kv_capacity_tokens / (p + o / 2.0)
-        if fits < b:
-            b = max(1, math.floor(fits))
+        # A batch whose cache does not fit goes by at the concurrency the cache holds (``running_seqs``).
+        b = int(self.running_seqs(b))
         prompt_tokens = b * p
         chunks = max(1, math.ceil(prompt_tokens / self.budget))
         chunk = prompt_tokens / chunks

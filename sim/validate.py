@@ -1,7 +1,8 @@
 """``pals validate``: simulate every row of a profile table and compare with what was measured.
 
 Writes ``validation.csv`` (measured and predicted per row), ``validation.json`` (MAPE per metric, overall,
-per source, per model and per GPU) and ``validation.html`` (predicted vs measured, error by cap and batch).
+per source, per model, per GPU and per model on each GPU) and ``validation.html`` (predicted vs measured,
+error by cap and batch).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> 
 
 
 def mape_summary(validated: pd.DataFrame) -> dict[str, Any]:
-    """MAPE (%) per metric: overall and per source, model, GPU and model on GPU (ITL over the rows that measured
-    it)."""
+    """MAPE (%) per metric: overall and per source, model, GPU and model on GPU (the ITL and the running batch
+    over the rows that measured them)."""
 
     def block(df: pd.DataFrame) -> dict[str, Any]:
         res: dict[str, Any] = {"rows": len(df)}

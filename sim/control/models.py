@@ -122,13 +122,17 @@ class PhysicsModel(_MemoModel):
         if self.static_batches:
             fits = self.kv_capacity_tokens / (p + o / 2.0)
             return float(max(1, math.floor(fits))) if fits < b else b
-        context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
-        return min(b, self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / context))
+        return min(b, self.budget / (1.0 + p / o), max(1.0, self.kv_capacity_tokens / self._running_context()))
+
+    def _running_context(self) -> float:
+        """Mean context a running sequence carries under continuous batching: P + O·(1 + cv²)/2 (long requests
+        stay in the batch longer)."""
+        return self.prompt + self.output * (1.0 + self.output_tokens_cv ** 2) / 2.0
 
     def _continuous(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
         key = (cap_w, b)
-        context = p + o * (1.0 + self.output_tokens_cv ** 2) / 2.0
+        context = self._running_context()
         b = self.running_seqs(b)
         # Over O iterations, each of the b running sequences is replaced once: b prompts are prefilled. The
         # sequences finish independently, so an iteration carries k prefills with binomial probability (about

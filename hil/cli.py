@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from hil.limits import limits_note
 from sim.errors import PalsError
 
 hil_app = typer.Typer(no_args_is_help=True, help="Hardware in the loop: the simulator's controller driving a vLLM "
@@ -43,7 +45,7 @@ def hil_run(
 ) -> None:
     """Run a scenario on a real server and GPUs with its controller; write the same files as `pals run`
     (scenario.resolved.yaml, requests.parquet, timeseries.parquet, summary.json, report.html) plus
-    token_times.parquet. Ctrl-C / SIGTERM stop cleanly: limits restored, records kept."""
+    token_times.parquet. Ctrl-C, SIGTERM or SIGHUP stop cleanly: limits restored, records kept."""
     from hil.devices import open_gpus
     from hil.engine import normalise_url
     from hil.loop import run_hil
@@ -71,15 +73,19 @@ def hil_run(
     except PalsError as exc:
         cli._fail(exc)
     except KeyboardInterrupt:  # Ctrl-C outside the run's own handling (start-up, final writing): the guard restored
-        cli.err_console.print(f"interrupted: power limits restored; whatever was recorded is in {out}/",
-                              highlight=False)
+        cli.err_console.print(f"interrupted: power limits restored unless an error above says otherwise; whatever "
+                              f"was recorded is in {out}/", highlight=False)
         raise typer.Exit(code=130) from None
     print_hil_summary(outcome.summary)
     cli.console.print(f"outputs in {out}/" + ("" if no_report else f"  (report: {out / 'report.html'})"))
     if outcome.interrupted_by:
-        cli.err_console.print(f"interrupted by {outcome.interrupted_by}: power limits restored, the records up to "
-                              f"{outcome.summary['totals']['duration_s']:.1f} s are in {out}/", highlight=False)
-        raise typer.Exit(code=130 if outcome.interrupted_by == "SIGINT" else 143)
+        cli.err_console.print(f"interrupted by {outcome.interrupted_by}: {limits_note(outcome.restore_failures)}, the "
+                              f"records up to {outcome.summary['totals']['duration_s']:.1f} s are in {out}/",
+                              highlight=False)
+        raise typer.Exit(code=128 + int(signal.Signals[outcome.interrupted_by]))  # the shell's convention
+    if outcome.restore_failures:
+        cli.err_console.print(f"error: {limits_note(outcome.restore_failures)}", highlight=False)
+        raise typer.Exit(code=2)
 
 
 def print_hil_summary(summary: dict) -> None:
@@ -137,10 +143,15 @@ def hil_profile(
             table = profile_node(spec, devices.gpus, endpoint, cap_list, batch_list, speedup=devices.speedup,
                                  guard=devices.guard, log=lambda m: cli.console.print(m, highlight=False))
         write_table(table, out)
+        if table.attrs.get("power_limits_not_restored"):  # the table stands; the node was not left as found
+            cli.err_console.print(f"{len(table)} operating points written to {out}; error: "
+                                  f"{limits_note(table.attrs['power_limits_not_restored'])}", highlight=False)
+            raise typer.Exit(code=2)
     except PalsError as exc:
         cli._fail(exc)
     except KeyboardInterrupt:
-        cli.err_console.print("interrupted: power limits restored; no table written", highlight=False)
+        cli.err_console.print("interrupted: power limits restored unless an error above says otherwise; no table "
+                              "written", highlight=False)
         raise typer.Exit(code=130) from None
     cli.print_table(f"profile of {endpoint}", ["cap W", "batch", "tokens/s", "W per GPU", "ITL p50 s"],
                     [[f"{r.power_cap_w:g}", str(r.max_num_seqs), f"{r.throughput_tokens_per_s:,.1f}",

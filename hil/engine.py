@@ -62,8 +62,15 @@ def normalise_url(url: str) -> str:
     url = url.strip().rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
+    expected = "expected an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000"
     if not url.startswith(("http://", "https://")):
-        raise EngineError(f"--endpoint {url!r}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+        raise EngineError(f"--endpoint {url!r}: {expected}")
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL as exc:  # a bad port, an unclosed IPv6 bracket, ...
+        raise EngineError(f"--endpoint {url!r}: {exc}; {expected}") from None
+    if not host:
+        raise EngineError(f"--endpoint {url!r}: no host; {expected}")
     return url
 
 

@@ -33,6 +33,7 @@ import httpx
 
 from hil.engine import EngineDriver, ServerInfo, normalise_url, probe_server
 from hil.gate import AdmissionGate
+from hil.limits import HANDLED_SIGNALS, limits_note, restore_failures
 from hil.loadgen import WorkloadReplay
 from hil.records import (
     EnergyCounter,
@@ -88,6 +89,7 @@ class HilOutcome:
     interrupted_by: str | None  # signal name, or None when the run finished
     out_dir: Path
     wall_s: float
+    restore_failures: list[tuple[int, str]] = field(default_factory=list)  # (GPU index, error) of failed restores
 
 
 @dataclass
@@ -371,7 +373,7 @@ class HilPlant:
         """Run the scenario; return the final records (the caller writes them once the limits are restored)."""
         loop = asyncio.get_running_loop()
         handled: list[tuple[signal.Signals, Any]] = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in HANDLED_SIGNALS:
             try:
                 previous = signal.getsignal(sig)
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -501,13 +503,13 @@ class HilPlant:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the block runs (main thread only), then deliver the first one."""
+    """Hold the signals that end a run while the block runs (main thread only), then deliver the first one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in HANDLED_SIGNALS}
     try:
         yield
     finally:
@@ -526,11 +528,14 @@ def run_hil(scenario: Scenario, gpus: list[Gpu], endpoint: str, out_dir: str | P
                      report=report, log=log)
     if guard is None:
         from hil.limits import restored_power_limits as guard
-    with guard(gpus):
+    with guard(gpus) as limits:
         snap = asyncio.run(plant.run())
+    failures = restore_failures(limits)
+    if failures:  # the records say so too: a later reader must not assume the node was left as found
+        snap.summary["hil"]["power_limits_not_restored"] = [{"gpu": i, "error": e} for i, e in failures]
     with _signals_deferred():  # a second Ctrl-C must not leave the files half from the last flush
         write_records(Path(out_dir), snap, report)
     if plant.failure is not None:
-        raise HilError(f"the run stopped on an error: {type(plant.failure).__name__}: {plant.failure} (power limits "
-                       f"restored; the records up to then are in {out_dir})")
-    return HilOutcome(snap.summary, plant.interrupted_by, Path(out_dir), plant.wall_s)
+        raise HilError(f"the run stopped on an error: {type(plant.failure).__name__}: {plant.failure} "
+                       f"({limits_note(failures)}; the records up to then are in {out_dir})")
+    return HilOutcome(snap.summary, plant.interrupted_by, Path(out_dir), plant.wall_s, failures)

@@ -63,8 +63,10 @@ def translate(exc: pynvml.NVMLError, what: str) -> NvmlError:
         return NvmlUnavailableError(f"{what}: the NVML library and the loaded NVIDIA kernel driver differ in version "
                                     f"({exc}): a driver was upgraded without reloading it; reboot or reload the "
                                     "nvidia kernel modules")
-    if code in (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
-                pynvml.NVML_ERROR_FUNCTION_NOT_FOUND):
+    if code == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+        return NvmlNotSupportedError(f"{what}: the installed NVIDIA driver's NVML lacks this function ({exc}): the "
+                                     "driver is older than this call needs; upgrade it")
+    if code in (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED):
         return NvmlUnavailableError(f"{what}: NVML is not available ({exc}): no NVIDIA driver / NVML library found "
                                     "on this machine (install the driver, or use the digital twin: `pals twin`)")
     if code == pynvml.NVML_ERROR_NO_PERMISSION:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from hil.engine import EngineDriver, ServerInfo, normalise_url, probe_server
+from hil.limits import limits_note, restore_failures
 from hil.telemetry import read_gpu, window_power_w
 from sim.errors import PalsError
 from sim.gpu import Gpu
@@ -162,7 +163,10 @@ async def _sweep(spec: ProfileSpec, gpus: list[Gpu], url: str, caps_w: list[floa
 def profile_node(spec: ProfileSpec, gpus: list[Gpu], endpoint: str, caps_w: list[float], batches: list[int], *,
                  speedup: float = 1.0, guard: Callable[[list[Gpu]], AbstractContextManager[Any]] | None = None,
                  log: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Measure every cap × batch (caps outer) inside ``guard(gpus)``; return the profile table rows."""
+    """Measure every cap × batch (caps outer) inside ``guard(gpus)``; return the profile table rows.
+
+    A power limit that could not be set back at the end is logged, and listed in the table's
+    ``attrs["power_limits_not_restored"]`` as ``(GPU index, error)`` (the measurements stand)."""
     if not gpus:
         raise HilProfileError("no GPU to profile")
     lo, hi = gpus[0].get_power_limit_range_w()
@@ -174,12 +178,17 @@ def profile_node(spec: ProfileSpec, gpus: list[Gpu], endpoint: str, caps_w: list
     url = normalise_url(endpoint)
     if guard is None:
         from hil.limits import restored_power_limits as guard
-    with guard(gpus):
+    with guard(gpus) as limits:
         server, rows = asyncio.run(_sweep(spec, gpus, url, caps_w, batches, speedup, log or (lambda _m: None)))
+    failures = restore_failures(limits)
+    if failures and log is not None:
+        log(f"error: {limits_note(failures)}")
     n = len(gpus)
     table = pd.DataFrame([{
         "source": "hil", "gpu": spec.gpu or gpus[0].name, "model": spec.model or server.model_id, "num_gpus": n,
         "tensor_parallel": spec.tensor_parallel or n, "expert_parallel": spec.expert_parallel, "workload": "saturate",
         "prompt_tokens_mean": float(spec.prompt_tokens), "output_tokens_mean": float(spec.output_tokens), **row}
         for row in rows])
-    return normalise(table, "hil profile")
+    table = normalise(table, "hil profile")
+    table.attrs["power_limits_not_restored"] = failures
+    return table

@@ -209,7 +209,8 @@ def test_hil_validate_reports_finite_errors(finished_run: dict) -> None:
     assert (out / "hil_validation.html").is_file() and (out / "simulated" / "summary.json").is_file()
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_mid_run_restores_limits_and_keeps_the_records(twin: str, scenario_path: Path, tmp_path: Path,
                                                               sig: signal.Signals, code: int) -> None:
     out = tmp_path / "interrupted"
@@ -243,6 +244,8 @@ def test_signal_mid_run_restores_limits_and_keeps_the_records(twin: str, scenari
     (["--endpoint", "http://127.0.0.1:{port}", "--gpus", "twin"], "cannot reach the twin at"),
     (["--endpoint", "http://127.0.0.1:{port}", "--gpus", "zero,one"], "expected comma-separated GPU indices"),
     (["--endpoint", "http://127.0.0.1:{port}", "--gpus", "0"], ""),  # no NVML here, or no server: clear either way
+    (["--endpoint", "http://127.0.0.1:abc", "--gpus", "twin"], "--endpoint 'http://127.0.0.1:abc'"),  # bad port
+    (["--endpoint", "http://[::1", "--gpus", "twin"], "expected an http:// or https:// URL with a host"),
 ])
 def test_server_down_or_bad_gpus_is_one_error_line(scenario_path: Path, args: list[str], message: str,
                                                    tmp_path: Path) -> None:
@@ -345,7 +348,8 @@ def test_nvml_gpus_drive_the_same_loop(twin: str, scenario_path: Path, tmp_path:
     """``--gpus 0``: NvmlGpu with the NVIDIA driver mocked (pynvml autospecced, a device drawing 250 W), the twin
     as the completions server. Power comes from the energy counter over NVML's monotonic clock, limits go out
     in mW, the controller's cap reaches the device and the original limit is put back. Without root every
-    limit is refused: the run goes on at the limit in force and reports the refusal once."""
+    limit is refused: the run goes on at the limit in force, reports the refusal once, and ends with nothing to
+    restore."""
     from unittest import mock
 
     import pynvml
@@ -388,7 +392,10 @@ def test_nvml_gpus_drive_the_same_loop(twin: str, scenario_path: Path, tmp_path:
                           report=False)
         for g in devs.gpus:
             g.close()
-    assert set_calls == [int(LOW_BUDGET_W * 1000), 700_000]  # the controller's cap, then the original back
+    # The controller's cap, then the original back; without root the refused cap changed nothing, so nothing is
+    # set back (and no false "could not restore" error).
+    assert set_calls == ([int(LOW_BUDGET_W * 1000), 700_000] if root else [int(LOW_BUDGET_W * 1000)])
+    assert outcome.restore_failures == []
     ts = pd.read_parquet(tmp_path / "nvml" / "timeseries.parquet")
     assert len(ts) >= 4 and (ts["power_cap_w"] == (LOW_BUDGET_W if root else 700.0)).all() and (ts["gpu"] == 0).all()
     refusals = outcome.summary["hil"]["actuation_errors"]
@@ -455,3 +462,25 @@ def test_a_user_policy_runs_unchanged_on_the_twin(twin: str, scenario_path: Path
     assert set(ts["power_cap_w"].iloc[1:]) == {300.0, 600.0} and (ts["max_num_seqs"] == 16).all()
     assert outcome.summary["hil"]["max_in_flight"] <= 16
     assert [d["power_limit_mw"] for d in devices(twin)] == [DEFAULT_LIMIT_MW]
+
+
+class UnreachableAtTheEnd:
+    """A limits guard whose GPU cannot be reached when the run ends (the twin died, the driver fell over)."""
+
+    def __init__(self, gpus: list) -> None:
+        self.failures: list[tuple[int, str]] = []
+
+    def __enter__(self) -> UnreachableAtTheEnd:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.failures.append((0, "cannot reach the twin"))
+
+
+def test_a_failed_restore_is_reported_not_hidden(twin: str, scenario_path: Path, tmp_path: Path) -> None:
+    sc = load_scenario(scenario_path, ["duration_s=3"])
+    outcome = run_hil(sc, open_twin_gpus(twin), twin, tmp_path / "f", speedup=SPEEDUP, guard=UnreachableAtTheEnd,
+                      report=False)
+    assert outcome.restore_failures == [(0, "cannot reach the twin")]
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert summary["hil"]["power_limits_not_restored"] == [{"gpu": 0, "error": "cannot reach the twin"}]

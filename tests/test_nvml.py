@@ -20,7 +20,7 @@ import pytest
 import simpy
 
 from hil import nvml
-from hil.limits import PowerLimitGuard, restored_power_limits
+from hil.limits import PowerLimitGuard, limits_note, restored_power_limits
 from hil.nvml import (
     EnergySample,
     NvmlGpu,
@@ -131,6 +131,8 @@ def test_average_power_from_the_energy_counter(fake_nvml: dict[str, mock.MagicMo
     (pynvml.NVML_ERROR_NOT_SUPPORTED, NvmlNotSupportedError, "not supported"),
     (pynvml.NVML_ERROR_GPU_IS_LOST, NvmlGpuLostError, "the GPU is lost"),
     (pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, NvmlUnavailableError, "reboot or reload the nvidia kernel modules"),
+    # A driver too old for one call is not a missing driver: the other calls work.
+    (pynvml.NVML_ERROR_FUNCTION_NOT_FOUND, NvmlNotSupportedError, "the driver is older than this call needs"),
 ])
 def test_nvml_errors_are_translated(fake_nvml: dict[str, mock.MagicMock], code: int, error: type,
                                     words: str) -> None:
@@ -229,6 +231,29 @@ def test_one_failing_gpu_does_not_stop_the_others(caplog: pytest.LogCaptureFixtu
     assert [gpus[0].get_power_limit_w(), gpus[2].get_power_limit_w()] == [700.0, 700.0]
     assert [i for i, _ in guard.failures] == [1]
     assert "GPU 1: could not restore its power limit to 700.0 W" in caplog.text
+    assert not guard.restored  # so the interpreter-exit backstop stays registered ...
+    gpus[1].lost = False
+    guard._at_exit()  # ... and tries the failed GPU once more
+    assert gpus[1].get_power_limit_w() == 700.0 and guard.restored
+    assert limits_note(guard.failures).startswith("power limits NOT restored on GPU 1")
+    assert limits_note([]) == "power limits restored"
+
+
+class ReadOnlyGpu(SimGpu):
+    """A GPU this process may read but not set (no root): ``set_power_limit_w`` is refused."""
+
+    def set_power_limit_w(self, power_w: float) -> None:
+        raise GpuError(f"GPU {self.index}: set power limit: permission denied")
+
+
+def test_a_gpu_left_at_its_limit_is_not_set_again(caplog: pytest.LogCaptureFixture) -> None:
+    env = simpy.Environment()
+    gpus = [ReadOnlyGpu(env, get_gpu("h100-sxm"), i, 0.0) for i in range(2)]
+    with PowerLimitGuard(gpus) as guard:
+        for g in gpus:  # the run could not cap them: nothing changed, so nothing needs restoring
+            with pytest.raises(GpuError, match="permission denied"):
+                g.set_power_limit_w(300.0)
+    assert guard.failures == [] and guard.restored and "could not restore" not in caplog.text
 
 
 def test_signal_handlers_chain_and_are_put_back() -> None:
@@ -293,7 +318,10 @@ with restored_power_limits(gpus):
 """
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, -signal.SIGINT)])
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, -signal.SIGINT),
+                                             (signal.SIGHUP, 128 + signal.SIGHUP),  # the SSH session closed
+                                             (signal.SIGQUIT, 128 + signal.SIGQUIT)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
 def test_signal_to_a_child_restores_limits(tmp_path: Path, sig: signal.Signals, status: int) -> None:
     limits = tmp_path / "limits.json"
     limits.write_text(json.dumps([700.0, 450.0]))
@@ -304,8 +332,8 @@ def test_signal_to_a_child_restores_limits(tmp_path: Path, sig: signal.Signals, 
     assert child.stdout is not None and child.stdout.readline().strip() == "capped"
     assert json.loads(limits.read_text()) == [150.0, 150.0]
     child.send_signal(sig)
-    # SIGTERM: restored, then SystemExit(143); SIGINT: restored, then KeyboardInterrupt, which Python turns
-    # into death by SIGINT (the conventional status of an interrupted program).
+    # SIGTERM, SIGHUP, SIGQUIT: restored, then SystemExit(128 + signal); SIGINT: restored, then KeyboardInterrupt,
+    # which Python turns into death by SIGINT (the conventional status of an interrupted program).
     assert child.wait(timeout=20) == status
     assert json.loads(limits.read_text()) == [700.0, 450.0]
 

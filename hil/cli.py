@@ -132,9 +132,7 @@ def hil_profile(
     cli = _cli()
     try:
         cap_list = cli._floats(caps, "--caps")
-        batch_list = [int(b) for b in cli._floats(batches, "--batches")]
-        if any(b != int(b) for b in cli._floats(batches, "--batches")):
-            raise PalsError(f"--batches {batches!r}: expected whole numbers")
+        batch_list = cli._whole(batches, "--batches")
         if not window_s > 0 or warmup_s < 0:
             raise PalsError("--window-s must be positive and --warmup-s non-negative")
         spec = ProfileSpec.from_options(scenario, list(set_ or []), window_s, warmup_s)

@@ -391,6 +391,7 @@ class HilPlant:
                              f"{spec.name} {spec.power_limit_min_w:g}-{spec.power_limit_max_w:g} W: the controller's "
                              "caps are clamped to the GPUs' range")
                 write_text_atomic(self.out_dir / "scenario.resolved.yaml", scenario_to_yaml(self.scenario))
+                (self.out_dir / "report.html").unlink(missing_ok=True)  # an earlier run's: it would not match
                 self._t0 = time.perf_counter()
                 self.driver = EngineDriver(client, self.server, self.now_s, seed=self.scenario.seed,
                                            request_timeout_s=self.request_timeout_s,

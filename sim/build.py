@@ -178,4 +178,10 @@ def check_scenario(scenario: Scenario, source: str) -> None:
             p = scenario.resolve_path(dep.workload.path)
             if not Path(p).is_file():
                 raise ScenarioError(f"{where}.workload.path: trace file not found: {p}")
+    from sim.control.base import ControllerError, resolve_policy
+
+    try:
+        resolve_policy(scenario.control.policy)
+    except ControllerError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
     load_budget(scenario)

@@ -128,9 +128,28 @@ def _floats(text: str, option: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise PalsError(f"{option} {text!r}: expected comma-separated numbers, e.g. 150,200,250") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not (0 < v < math.inf) for v in values):
         raise PalsError(f"{option} {text!r}: expected positive numbers")
     return values
+
+
+def _whole(text: str, option: str) -> list[int]:
+    """Comma-separated positive whole numbers (batch sizes)."""
+    values = _floats(text, option)
+    if any(v != int(v) for v in values):
+        raise PalsError(f"{option} {text!r}: expected positive whole numbers, e.g. 8,16,32")
+    return [int(v) for v in values]
+
+
+def _gpu_names(text: str, option: str) -> list[str]:
+    """Comma-separated catalog GPU names."""
+    from sim.catalog import GPUS
+
+    names = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = [g for g in names if g not in GPUS]
+    if unknown:
+        raise PalsError(f"{option} {unknown[0]!r}: not a catalog GPU; expected one of {', '.join(GPUS)}")
+    return names
 
 
 @profile_app.command("import")
@@ -147,6 +166,10 @@ def profile_import(
     try:
         if kind not in IMPORTERS:
             raise PalsError(f"unknown dataset {kind!r}: expected one of {', '.join(IMPORTERS)}")
+        if prompt_tokens_mean is not None and kind != "mlenergy":
+            raise PalsError(f"--prompt-tokens-mean: only for mlenergy (the {kind} data gives its prompt lengths)")
+        if prompt_tokens_mean is not None and not 0 < prompt_tokens_mean < math.inf:
+            raise PalsError(f"--prompt-tokens-mean {prompt_tokens_mean:g}: expected a positive number of tokens")
         if kind == "mlenergy" and prompt_tokens_mean is not None:
             table = import_mlenergy(path, prompt_tokens_mean)
         else:
@@ -173,8 +196,7 @@ def profile_sim(
 
     try:
         sc = load_scenario(scenario, [])
-        table = simulated_profile(sc, _floats(caps, "--caps"), [int(b) for b in _floats(batches, "--batches")],
-                                  workload)
+        table = simulated_profile(sc, _floats(caps, "--caps"), _whole(batches, "--batches"), workload)
         write_table(table, out)
     except PalsError as exc:
         _fail(exc)
@@ -222,8 +244,8 @@ def calibrate(
     from sim.catalog.calibration import CALIBRATION_DIR
 
     try:
+        others = _gpu_names(applies_to, "--applies-to")
         rows = _read_tables(tables)
-        others = [g.strip() for g in applies_to.split(",") if g.strip()]
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
         for name in gpus:
             result = fit(rows, name, same_die=tuple(others))
@@ -261,12 +283,12 @@ def holdout(
     try:
         if out is not None and out.exists() and not out.is_dir():
             raise PalsError(f"--out {out}: exists and is not a folder")
+        others = _gpu_names(applies_to, "--applies-to")
         rows = _read_tables(tables)
         train_values: list[Any] | None = None
         if train.strip():
             train_values = _floats(train, "--train") if by in ("power_cap_w", "max_num_seqs") else \
                 [v.strip() for v in train.split(",") if v.strip()]
-        others = [g.strip() for g in applies_to.split(",") if g.strip()]
         report = {}
         for name in [gpu] if gpu else sorted(set(rows["gpu"]) - set(others)):
             folds = held_out_errors(rows, name, by, train_values, tuple(others))
@@ -326,16 +348,16 @@ def catalog() -> None:
     from sim.catalog import GPUS, MODEL_NAMES, load_model
 
     t = Table(title="GPUs")
-    for c in ("name", "bf16 TFLOP/s", "HBM TB/s", "HBM GiB", "power limit W", "idle W", "NVLink GB/s"):
-        t.add_column(c)
+    for i, c in enumerate(("name", "bf16 TFLOP/s", "HBM TB/s", "HBM GiB", "power limit W", "idle W", "NVLink GB/s")):
+        t.add_column(c, no_wrap=i == 0)  # names that differ at their end (a100-sxm4-40gb / -80gb) stay whole
     for g in GPUS.values():
         t.add_row(g.name, f"{g.peak_bf16_flops / 1e12:.0f}", f"{g.hbm_bandwidth_bytes_per_s / 1e12:.2f}",
                   f"{g.hbm_bytes / 1024**3:.0f}", f"{g.power_limit_min_w:.0f}-{g.power_limit_max_w:.0f}",
                   f"{g.idle_power_w:.0f}", f"{g.nvlink_bandwidth_bytes_per_s / 1e9:.0f}")
     console.print(t)
     m = Table(title="Models")
-    for c in ("name", "params (B)", "active (B)", "experts", "top-k", "KV KiB/token"):
-        m.add_column(c)
+    for i, c in enumerate(("name", "params (B)", "active (B)", "experts", "top-k", "KV KiB/token")):
+        m.add_column(c, no_wrap=i == 0)
     for name in MODEL_NAMES:
         s = load_model(name)
         m.add_row(name, f"{s.total_params / 1e9:.1f}", f"{s.active_params_per_token / 1e9:.1f}",

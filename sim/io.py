@@ -15,8 +15,12 @@ from sim.errors import PalsError
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    if path.is_dir():
+        raise PalsError(f"{path}: is a folder; expected the path of a file to write (e.g. {path / 'table.csv'})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PalsError(f"cannot create output folder {path.parent}: a file of that name is in the way") from None
     except OSError as exc:
         raise PalsError(f"cannot create output folder {path.parent}: {exc.strerror or exc}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

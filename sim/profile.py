@@ -81,6 +81,7 @@ MLENERGY_PROMPT_TOKENS_MEAN = 300.0
 # Argonne's benchmark_power.py: the power probe (NVML, every 0.25 s) runs from just before one generate call
 # until one second after it returns (``time.sleep(1)`` before ``stop``).
 ARGONNE_POWER_IDLE_TAIL_S = 1.0
+MAX_OUTPUT_TOKENS_CV = 10.0  # beyond this the lengths are one long request among many one-token ones
 
 
 class ProfileError(PalsError):
@@ -113,6 +114,7 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")
         _raise_first(bad, df, where, col, "a number")
+        _raise_first(values.isin([math.inf, -math.inf]), df, where, col, "a finite number")
         if col not in _NULLABLE:
             _raise_first(values.isna(), df, where, col, "a number")
         if col in _INT_COLUMNS:
@@ -127,6 +129,14 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
                 _raise_first(values < 0, df, where, col, "a non-negative number")
             df[col] = values.astype("float64")
     _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
+    _raise_first(df["output_tokens_cv"] > MAX_OUTPUT_TOKENS_CV, df, where, "output_tokens_cv",
+                 f"at most {MAX_OUTPUT_TOKENS_CV:g} (std / mean of the output lengths)")
+    _raise_first(df["num_gpus"] % df["tensor_parallel"] != 0, df, where, "num_gpus",
+                 "a multiple of tensor_parallel (whole replicas)")
+    ep = df["expert_parallel"]
+    _raise_first((ep > 1) & ((ep % df["tensor_parallel"] != 0) | (df["num_gpus"] % ep != 0)), df, where,
+                 "expert_parallel", "1, or a multiple of tensor_parallel that divides num_gpus (the GPUs one "
+                 "replica spreads its experts over)")
     _raise_first(df["itl_p99_s"] < df["itl_median_s"], df, where, "itl_p99_s",
                  "a 99th percentile no smaller than itl_median_s")
     _raise_first(df["running_seqs_mean"] > df["max_num_seqs"], df, where, "running_seqs_mean",
@@ -139,7 +149,9 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
 def _raise_first(bad: pd.Series, df: pd.DataFrame, where: str, col: str, expected: str) -> None:
     if bool(bad.any()):
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ProfileError(f"{where}, line {i + 2}, field {col!r}: expected {expected}, got {df[col].iloc[i]!r}")
+        value = df[col].iloc[i]
+        shown = value.item() if isinstance(value, np.generic) else value  # 0.5, not np.float64(0.5)
+        raise ProfileError(f"{where}, line {i + 2}, field {col!r}: expected {expected}, got {shown!r}")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -167,13 +179,13 @@ def import_pals_a100(path: str | Path) -> pd.DataFrame:
     """The PALS authors' A100 TP4 sweep (``moe_summary_tp4.csv``): static batches, power cap × batch."""
     p = Path(path)
     raw = _read_csv(p, ("model", "tp", "cap_w", "batch", "avg_Tokens_per_s", "avg_gpu_power"))
-    tp = pd.to_numeric(raw["tp"], errors="coerce")
+    num = {c: _numbers(raw, c, p) for c in ("tp", "cap_w", "batch", "avg_Tokens_per_s", "avg_gpu_power")}
     table = pd.DataFrame({
-        "source": "pals_a100", "gpu": "a100-sxm4-80gb", "model": raw["model"], "num_gpus": tp,
-        "tensor_parallel": tp, "expert_parallel": 1, "power_cap_w": raw["cap_w"], "max_num_seqs": raw["batch"],
+        "source": "pals_a100", "gpu": "a100-sxm4-80gb", "model": raw["model"], "num_gpus": num["tp"],
+        "tensor_parallel": num["tp"], "expert_parallel": 1, "power_cap_w": num["cap_w"], "max_num_seqs": num["batch"],
         "workload": "static-batches", "prompt_tokens_mean": PALS_PROMPT_TOKENS_MEAN,
-        "output_tokens_mean": PALS_OUTPUT_TOKENS, "throughput_tokens_per_s": raw["avg_Tokens_per_s"],
-        "power_w_per_gpu": raw["avg_gpu_power"], "itl_median_s": math.nan})
+        "output_tokens_mean": PALS_OUTPUT_TOKENS, "throughput_tokens_per_s": num["avg_Tokens_per_s"],
+        "power_w_per_gpu": num["avg_gpu_power"], "itl_median_s": math.nan}).reset_index(drop=True)
     return normalise(table, str(p))
 
 
@@ -244,34 +256,48 @@ def import_argonne(path: str | Path) -> pd.DataFrame:
     """
     p = Path(path)
     raw = _read_csv(p, ("Hardware", "Num of Hardware", "Framework", "Model", "Input Output Length", "Batch Size",
-                        "Latency", "avg_power")).dropna(how="all")
+                        "Latency", "avg_power"))
     raw = raw[raw["Hardware"].isin(ARGONNE_GPUS) & raw["Model"].isin(HF_MODELS) & (raw["Framework"] == "vLLM")]
-    n = pd.to_numeric(raw["Num of Hardware"], errors="coerce")
-    length = pd.to_numeric(raw["Input Output Length"], errors="coerce")
-    batch = pd.to_numeric(raw["Batch Size"], errors="coerce")
-    latency = pd.to_numeric(raw["Latency"], errors="coerce")
+    n = _numbers(raw, "Num of Hardware", p)
+    length = _numbers(raw, "Input Output Length", p)
+    batch = _numbers(raw, "Batch Size", p)
+    latency = _numbers(raw, "Latency", p)
     table = pd.DataFrame({
         "source": "argonne", "gpu": raw["Hardware"].map(ARGONNE_GPUS), "model": raw["Model"].map(HF_MODELS),
         "num_gpus": n, "tensor_parallel": n, "expert_parallel": 1,
         "power_cap_w": raw["Hardware"].map(ARGONNE_GPUS).map(lambda g: GPUS[g].default_power_limit_w),
         "max_num_seqs": batch, "workload": "static-batches", "prompt_tokens_mean": length,
         "output_tokens_mean": length, "throughput_tokens_per_s": batch * length / latency,
-        "power_w_per_gpu": pd.to_numeric(raw["avg_power"], errors="coerce") / 1000.0, "itl_median_s": math.nan,
-        "power_idle_tail_s": ARGONNE_POWER_IDLE_TAIL_S})
+        "power_w_per_gpu": _numbers(raw, "avg_power", p) / 1000.0, "itl_median_s": math.nan,
+        "power_idle_tail_s": ARGONNE_POWER_IDLE_TAIL_S}).reset_index(drop=True)
     return normalise(table, str(p))
 
 
 def _read_csv(p: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    """A dataset CSV with its blank lines dropped; ``_line`` is each row's line number in the file."""
     if not p.is_file():
         raise ProfileError(f"{p}: no such file")
     try:
-        raw = pd.read_csv(p, skip_blank_lines=True)
+        raw = pd.read_csv(p, skip_blank_lines=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise ProfileError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     missing = [c for c in needed if c not in raw.columns]
     if missing:
         raise ProfileError(f"{p}: missing column(s) {', '.join(missing)}")
-    return raw
+    raw["_line"] = raw.index + 2  # the header is line 1
+    return raw[raw.drop(columns="_line").notna().any(axis=1)]
+
+
+def _numbers(raw: pd.DataFrame, col: str, p: Path) -> pd.Series:
+    """A dataset column as numbers; the first cell that is not one is an error naming its line in the file."""
+    values = pd.to_numeric(raw[col], errors="coerce")
+    bad = values.isna() | values.isin([math.inf, -math.inf])
+    if bool(bad.any()):
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        cell = raw[col].iloc[i]
+        raise ProfileError(f"{p}, line {int(raw['_line'].iloc[i])}, column {col!r}: expected a number, got "
+                           f"{cell.item() if isinstance(cell, np.generic) else cell!r}")
+    return values
 
 
 def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
@@ -289,8 +315,10 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
     kind = workload or ("static-batches" if dep.workload.kind == "static-batches" else "saturate")
     if kind not in WORKLOADS:
         raise ProfileError(f"--workload {kind!r}: expected one of {', '.join(WORKLOADS)}")
-    if not isinstance(dep.model, str):
-        raise ProfileError(f"deployments[{deployment_index}].model: profiling needs a catalog model name")
+    if not isinstance(dep.model, str) or dep.model not in MODEL_NAMES:
+        raise ProfileError(f"deployments.{deployment_index}.model: profiling needs a catalog model name (a profile "
+                           f"row names its model, and validate / calibrate build it from the catalog), got "
+                           f"{dep.model if isinstance(dep.model, str) else 'an inline config'!r}")
     prompt, output, output_cv = token_means(scenario, deployment_index)
     gpu = GPUS[dep.gpu]
     bad = [c for c in caps_w if not gpu.power_limit_min_w <= c <= gpu.power_limit_max_w]

@@ -66,7 +66,17 @@ class ExpertPopularity:
         counts summed over them)."""
         import pandas as pd
 
-        df = pd.read_csv(path)
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable CSV ({type(exc).__name__}: {exc})") from None
+        missing = [c for c in ("model", "layer", "expert", "count") if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected model, layer, expert, count")
+        counts_ok = pd.to_numeric(df["count"], errors="coerce")
+        if (counts_ok.isna() | (counts_ok < 0)).any():
+            i = int((counts_ok.isna() | (counts_ok < 0)).to_numpy().nonzero()[0][0])
+            raise ValueError(f"{path}: line {i + 2}: count must be a non-negative number, got {df['count'].iloc[i]!r}")
         sel = df[(df["model"] == model) & (df["layer"] == layer)]
         if sel.empty:
             raise ValueError(f"{path}: no rows for model={model!r} layer={layer}")

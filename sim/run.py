@@ -44,3 +44,5 @@ def write_outputs(out_dir: str | Path, scenario: Scenario, outputs: RunOutputs, 
     if report:
         write_text_atomic(out / "report.html", run_report(outputs.summary, outputs.requests, outputs.timeseries,
                                                           resolved))
+    else:  # a report left by an earlier run into this folder would describe other results
+        (out / "report.html").unlink(missing_ok=True)

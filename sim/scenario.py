@@ -8,6 +8,7 @@ the scenario file's folder.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,8 +24,13 @@ class ScenarioError(PalsError):
     """A scenario that cannot be loaded or is inconsistent."""
 
 
+MAX_ARRIVAL_CV = 100.0  # beyond this a Gamma process is one burst and long silences, and its gaps underflow
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number is finite: ``.inf`` or ``.nan`` in a YAML file is a mistake, not "no limit" (limits say so
+    # with ``null`` where they are optional).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----- token-count distributions ------------------------------------------------------------------------
@@ -95,7 +101,8 @@ class GammaWorkload(_Generated):
 
     kind: Literal["gamma"] = "gamma"
     rate_per_s: float = Field(gt=0, description="Mean arrival rate (requests/s).")
-    cv: float = Field(gt=0, description="Coefficient of variation of inter-arrival times (1 = Poisson).")
+    cv: float = Field(gt=0, le=MAX_ARRIVAL_CV, description="Coefficient of variation of inter-arrival times "
+                                                          "(1 = Poisson; at most 100).")
 
 
 class ClosedLoopWorkload(_Generated):
@@ -276,8 +283,8 @@ class PowerConfig(_Model):
             return v
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ValueError("expected a number (W), a list of {at_s, w}, or a CSV path")
-        if v <= 0:
-            raise ValueError(f"budget must be positive, got {v}")
+        if not 0 < v < math.inf:  # NaN too: no budget is null, not .nan
+            raise ValueError(f"budget must be a positive, finite number of watts (no budget: null), got {v}")
         return float(v)
 
     @field_validator("budget_w", mode="after")
@@ -433,6 +440,19 @@ def scenario_from_dict(data: Any, source: str = "<scenario>", base_dir: str | Pa
     return scenario
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> Any:
     """A YAML file's contents (``safe_load``); ``ScenarioError`` on text that is not UTF-8 or not YAML, naming
     the file and, for YAML, the line and column."""
@@ -441,7 +461,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
@@ -463,6 +483,22 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scena
 
 
 def scenario_to_yaml(scenario: Scenario) -> str:
-    """The resolved scenario as YAML (every default filled in)."""
+    """The resolved scenario as YAML (every default filled in, every file it reads as an absolute path, so that
+    the YAML loads to the same scenario from wherever it is written)."""
     data = scenario.model_dump(mode="json", exclude={"base_dir"})
+
+    def absolute(p: str) -> str:
+        return str(scenario.resolve_path(p).resolve())
+
+    for dep in data["deployments"]:
+        if isinstance(dep["model"], str) and (dep["model"].endswith(".json") or "/" in dep["model"]):
+            dep["model"] = absolute(dep["model"])  # a config.json (a catalog name stays a name)
+        if dep["workload"]["kind"] == "trace":
+            dep["workload"]["path"] = absolute(dep["workload"]["path"])
+        if dep["expert_routing"].get("path"):
+            dep["expert_routing"]["path"] = absolute(dep["expert_routing"]["path"])
+    if isinstance(data["power"]["budget_w"], str):
+        data["power"]["budget_w"] = absolute(data["power"]["budget_w"])
+    if data["control"].get("profile_table"):
+        data["control"]["profile_table"] = absolute(data["control"]["profile_table"])
     return yaml.safe_dump(data, sort_keys=False)

@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from sim.errors import PalsError
 from sim.io import write_json_atomic, write_text_atomic
 from sim.operating_point import analytic_row, row_physics, simulate_row
 from sim.profile import check_catalog
@@ -30,11 +31,12 @@ def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> 
     """
     check_catalog(table, where)
     preds = []
-    for row in table.itertuples(index=False):
+    for i, row in enumerate(table.itertuples(index=False)):
         try:
             p = simulate_row(row) if method == "simulate" else analytic_row(row, row_physics(row))
-        except ValueError as exc:  # e.g. the weights do not fit: name the row
-            raise ValueError(f"{where}: {row.model} on {row.num_gpus}x{row.gpu}: {exc}") from None
+        except (ValueError, PalsError) as exc:  # e.g. the weights do not fit, or a layout the model refuses
+            raise PalsError(f"{where}, line {i + 2}: {row.model} on {row.num_gpus}x{row.gpu} (tensor_parallel "
+                            f"{row.tensor_parallel}): {exc}") from None
         preds.append(p)
     out = table.copy()
     for m in METRICS:

@@ -108,6 +108,9 @@ def open_loop_arrivals(w: PoissonWorkload | GammaWorkload, duration_s: float, rn
 
 
 # ----- traces -------------------------------------------------------------------------------------------
+MAX_TRACE_TOKENS = 10_000_000  # far beyond any model's context; a larger count is a corrupt cell, not a request
+
+
 def _require_columns(df: pd.DataFrame, cols: list[str], path: Path) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -123,8 +126,8 @@ def _check_rows(df: pd.DataFrame, raw: dict[str, list], lines: np.ndarray, path:
                 bad = ~np.isfinite(x) | (x < 0)
                 want = "a non-negative number"
             else:
-                bad = ~np.isfinite(x) | (x < 1) | (x != np.floor(x))
-                want = "a positive integer"
+                bad = ~np.isfinite(x) | (x < 1) | (x != np.floor(x)) | (x > MAX_TRACE_TOKENS)
+                want = f"a positive integer up to {MAX_TRACE_TOKENS:,}"
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise TraceError(f"{path}: line {int(lines[i])}: {col} must be {want}, got {raw[col][i]!r}")
@@ -235,14 +238,17 @@ class RequestSource:
             arrivals = open_loop_arrivals(w, scenario.duration_s, rng)
             prompts = sample_tokens(w.prompt_tokens, len(arrivals), rng)
             outputs = sample_tokens(w.output_tokens, len(arrivals), rng)
-            self._replay(arrivals, prompts, outputs)
+            # Without a request limit the process goes on past its last drawn arrival: the run lasts duration_s.
+            self._replay(arrivals, prompts, outputs, finite=w.requests is not None)
         elif isinstance(w, TraceWorkload):
             df = load_trace(scenario.resolve_path(w.path), w.format)
             if w.requests is not None:
                 df = df.iloc[: w.requests]
             arrivals = df["arrival_s"].to_numpy() * w.time_scale
             keep = arrivals < scenario.duration_s
-            self._replay(arrivals[keep], df["prompt_tokens"].to_numpy()[keep], df["output_tokens"].to_numpy()[keep])
+            # A trace that goes on past duration_s is cut there: the run lasts duration_s, as for an open process.
+            self._replay(arrivals[keep], df["prompt_tokens"].to_numpy()[keep], df["output_tokens"].to_numpy()[keep],
+                         finite=bool(keep.all()))
         elif isinstance(w, ClosedLoopWorkload):
             self._remaining = w.requests if w.requests is not None else math.inf
             self._active_clients = w.clients
@@ -270,9 +276,11 @@ class RequestSource:
         if self.on_exhausted is not None:
             self.on_exhausted()
 
-    def _replay(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray) -> None:
+    def _replay(self, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray, finite: bool) -> None:
         """Issue pre-drawn requests at their arrival times: one timeout per distinct arrival instant, chained
-        by callbacks (cheaper than a generator process for tens of thousands of arrivals)."""
+        by callbacks (cheaper than a generator process for tens of thousands of arrivals). A ``finite`` source
+        is exhausted after its last request (the run may end once all are served); another only stands for the
+        part of an endless process before ``duration_s``, and the run lasts until then."""
         rows = list(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True))
         env = self.env
         pos = 0
@@ -286,7 +294,7 @@ class RequestSource:
             if pos < len(rows):
                 self.events += 1
                 env.timeout(rows[pos][0] - env.now).callbacks.append(issue)
-            else:
+            elif finite:
                 self._finish_source()
 
         self.events += 1

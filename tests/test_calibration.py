@@ -22,6 +22,7 @@ import pytest
 from sim.calibrate import PARAMS, FitResult, fit, held_out_errors, with_params
 from sim.catalog.calibration import CALIBRATION_DIR, engine_params, gpu_params
 from sim.catalog.gpus import GPUS, datasheet_gpu
+from sim.errors import PalsError
 from sim.operating_point import RowPrediction, analytic_row, measured_as_row, row_physics, simulate_row
 from sim.physics import EngineOverheads
 from sim.profile import (
@@ -30,6 +31,7 @@ from sim.profile import (
     import_argonne,
     import_mlenergy,
     import_pals_a100,
+    normalise,
     read_table,
     write_table,
 )
@@ -203,6 +205,44 @@ def test_table_round_trips_and_bad_rows_name_line_and_field(tmp_path):
     path.write_text("source,gpu\nx,y\n")
     with pytest.raises(ProfileError, match="missing column"):
         read_table(path)
+
+
+def _row(**change):
+    row = {"source": "t", "gpu": "h100-sxm", "model": "llama-3.1-8b", "num_gpus": 2, "tensor_parallel": 1,
+           "expert_parallel": 1, "power_cap_w": 700, "max_num_seqs": 8, "workload": "saturate",
+           "prompt_tokens_mean": 300, "output_tokens_mean": 300, "output_tokens_cv": 0.5,
+           "throughput_tokens_per_s": 1000, "power_w_per_gpu": 400, "itl_median_s": 0.01, "itl_p99_s": 0.02,
+           "power_idle_tail_s": 0.0, "running_seqs_mean": 8}
+    return pd.DataFrame([{**row, **change}])
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({}, None),
+    ({"throughput_tokens_per_s": math.inf}, r"line 2, field 'throughput_tokens_per_s': expected a finite number, "
+                                            r"got inf"),
+    ({"output_tokens_cv": 1e6}, r"field 'output_tokens_cv': expected at most 10"),  # once a division by zero
+    ({"num_gpus": 3, "tensor_parallel": 2}, r"field 'num_gpus': expected a multiple of tensor_parallel"),
+    ({"num_gpus": 1, "expert_parallel": 4}, r"field 'expert_parallel': expected 1, or a multiple"),
+    ({"power_w_per_gpu": -1.5}, r"field 'power_w_per_gpu': expected a positive number, got -1.5$"),  # no np. repr
+])
+def test_impossible_rows_are_refused_by_line_and_field(change, message):
+    if message is None:
+        assert len(normalise(_row(), "t.csv")) == 1
+        return
+    with pytest.raises(ProfileError, match=message):
+        normalise(_row(**change), "t.csv")
+
+
+def test_a_bad_dataset_cell_names_its_line_and_column_in_the_file(tmp_path):
+    # Argonne's file separates its rows with blank lines: the line is the file's, not the table's.
+    header = "Hardware,Num of Hardware,Framework,Model,Input Output Length,Batch Size,Latency,avg_power"
+    ok = "Nvidia A100 GPU,1,vLLM,meta-llama/Llama-2-7b-hf,1024,1,30.0,250000"
+    path = tmp_path / "argonne.csv"
+    path.write_text("\n".join([header, ok, "", "", ok.replace("250000", "abc")]) + "\n")
+    with pytest.raises(ProfileError, match=r"argonne.csv, line 5, column 'avg_power': expected a number, got 'abc'"):
+        import_argonne(path)
+    path.write_text("\n".join([header, ok, "", ok]) + "\n")
+    assert len(import_argonne(path)) == 2
 
 
 # ----- the two predictors agree ---------------------------------------------------------------------
@@ -528,3 +568,11 @@ def test_a_multi_head_kv_cache_costs_power_as_measured(gpu, batch):
     v = predict_table(rows, "argonne", "analytic").set_index("model")
     for col in ("power_w_per_gpu", "predicted_power_w_per_gpu"):
         assert v.loc["llama-2-7b", col] > v.loc["llama-3-8b", col], col
+
+
+def test_a_row_the_model_cannot_take_is_named_by_file_and_line():
+    # Llama-3.1-8B's 32 attention heads do not split over 3 GPUs.
+    table = normalise(_row(num_gpus=3, tensor_parallel=3), "t.csv")
+    with pytest.raises(PalsError, match=r"t.csv, line 2: llama-3.1-8b on 3xh100-sxm \(tensor_parallel 3\): .*"
+                                        r"not divisible by tensor=3"):
+        predict_table(table, "t.csv")

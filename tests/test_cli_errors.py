@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -271,3 +272,107 @@ def test_schema_is_json_with_deployments() -> None:
     assert "deployments" in s["properties"]
     assert "deployments" in s.get("required", [])
     assert "base_dir" not in s["properties"]  # set by the loader, not by users
+
+
+# ----- found by a user's review: each once a traceback, a silent wrong result or a misleading message -----
+def test_trace_count_beyond_any_context_is_refused(tmp_path: Path) -> None:
+    # 1e30 once became a negative int64 and a "completed" one-token request.
+    (tmp_path / "huge.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,100,10\n1,100,1e30\n")
+    path = write_scenario(tmp_path, _trace("huge.csv", "csv"))
+    assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "huge.csv", "line 3", "output_tokens", "1e30")
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("duration_s=.inf", "duration_s"),
+    ("deployments.0.workload.rate_per_s=.inf", "rate_per_s"),
+    ("power.budget_w=.nan", "power.budget_w"),  # once taken as "no budget"
+    ("deployments.0.workload={kind: gamma, rate_per_s: 1, cv: 1000, prompt_tokens: 10, output_tokens: 10}",
+     "cv"),  # once an endless loop: the gaps underflow to 0
+    ("control.policy=:Foo", "control.policy"),
+    ("control.policy=.relative:Foo", "control.policy"),
+    ("control.policy=no_such_module:Foo", "control.policy"),
+    ("deployments.0.model={hidden_size: 4096, num_attention_heads: 0, num_hidden_layers: 2, vocab_size: 100}",
+     "num_attention_heads"),
+    ("deployments.0.model={hidden_size: x, num_attention_heads: 8, num_hidden_layers: 2, vocab_size: 100}",
+     "hidden_size"),
+])
+def test_more_bad_fields_are_one_error_naming_the_file(tmp_path: Path, override: str, needle: str) -> None:
+    path = write_scenario(tmp_path)
+    assert_clean_error(pals("run", path, "--set", override, "--out", tmp_path / "out"), path.name, needle)
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    path = write_scenario(tmp_path)
+    path.write_text(path.read_text() + "seed: 7\n" if "seed:" in path.read_text() else
+                    path.read_text() + "seed: 7\nseed: 8\n")
+    assert_clean_error(pals("run", path, "--out", tmp_path / "out"), path.name, "duplicate key 'seed'")
+
+
+def test_expert_counts_without_their_columns(tmp_path: Path) -> None:
+    (tmp_path / "counts.csv").write_text("a,b\n1,2\n")
+
+    def change(d: dict[str, Any]) -> None:
+        dep0(d)["model"] = "mixtral-8x7b"
+        dep0(d)["expert_routing"] = {"kind": "measured", "path": "counts.csv", "model": "mixtral-8x7b", "layer": 0}
+    path = write_scenario(tmp_path, change)
+    assert_clean_error(pals("run", path, "--out", tmp_path / "out"), "counts.csv", "missing column(s)",
+                       "model, layer, expert, count")
+
+
+def test_an_open_process_lasts_the_whole_duration(tmp_path: Path) -> None:
+    # A Poisson process without a request limit goes on past its last drawn arrival: the run lasts duration_s
+    # (idle draw included), not until the last request is served. With a limit it may end earlier.
+    def slow(d: dict[str, Any]) -> None:
+        d["duration_s"] = 60
+        dep0(d)["workload"] = {"kind": "poisson", "rate_per_s": 0.05, "prompt_tokens": 100, "output_tokens": 10}
+    path = write_scenario(tmp_path, slow)
+    r = pals("run", path, "--out", tmp_path / "open", "--no-report")
+    assert r.returncode == 0, r.stderr
+    totals = json.loads((tmp_path / "open" / "summary.json").read_text())["totals"]
+    assert totals["duration_s"] == pytest.approx(60.0)
+    r = pals("run", path, "--set", "deployments.0.workload.requests=1", "--out", tmp_path / "one", "--no-report")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["totals"]["duration_s"] < 60.0
+
+
+def test_resolved_scenario_reloads_to_the_same_run_from_anywhere(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,100,10\n0.5,200,20\n1.0,50,5\n")
+    path = write_scenario(tmp_path, _trace("t.csv", "csv"))
+    assert pals("run", path, "--out", tmp_path / "a", "--no-report").returncode == 0
+    elsewhere = tmp_path / "x" / "y"
+    elsewhere.mkdir(parents=True)
+    again = elsewhere / "copy.yaml"
+    again.write_text((tmp_path / "a" / "scenario.resolved.yaml").read_text())  # moved: its paths must still hold
+    r = pals("run", again, "--out", tmp_path / "b", "--no-report")
+    assert r.returncode == 0, r.stderr
+    a, b = (pd.read_parquet(tmp_path / d / "requests.parquet") for d in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_no_report_removes_an_earlier_runs_report(tmp_path: Path) -> None:
+    path = write_scenario(tmp_path)
+    assert pals("run", path, "--out", tmp_path / "o").returncode == 0
+    assert (tmp_path / "o" / "report.html").is_file()
+    assert pals("run", path, "--set", "seed=7", "--out", tmp_path / "o", "--no-report").returncode == 0
+    assert not (tmp_path / "o" / "report.html").exists()  # it described the seed-42 results
+
+
+def test_profile_and_calibrate_options(tmp_path: Path) -> None:
+    path = write_scenario(tmp_path)
+    table = tmp_path / "t.csv"
+    table.write_text("x\n")
+    # --out is a file path here, unlike pals run's folder
+    assert_clean_error(pals("profile", "sim", path, "--caps", "300", "--batches", "8", "--out", tmp_path),
+                       "is a folder")
+    assert_clean_error(pals("profile", "sim", path, "--caps", "300", "--batches", "1.5", "--out", table),
+                       "--batches", "whole numbers")
+    assert_clean_error(pals("profile", "import", "pals-a100", table, "--out", tmp_path / "p.csv",
+                            "--prompt-tokens-mean", "300"), "--prompt-tokens-mean", "only for mlenergy")
+    assert_clean_error(pals("calibrate", table, "--applies-to", "foo"), "--applies-to", "'foo'", "h100-sxm")
+
+
+def test_catalog_names_stay_whole_at_80_columns() -> None:
+    r = subprocess.run([sys.executable, "-m", "sim.cli", "catalog"], capture_output=True, text=True, cwd=REPO,
+                       env={**_env(), "COLUMNS": "80"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "a100-sxm4-40gb" in r.stdout and "a100-sxm4-80gb" in r.stdout

@@ -10,6 +10,7 @@ gpt-oss (MXFP4 experts, sliding-window layers) and Llama 4 (nested ``text_config
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -99,6 +100,23 @@ def _get(cfg: dict[str, Any], *keys: str, default: Any = None, required: bool = 
     return default
 
 
+def _int(cfg: dict[str, Any], *keys: str, default: int | None = None, required: bool = False, where: str = "",
+         positive: bool = False) -> int:
+    """A whole-number field (the first of ``keys`` present), checked: an error names the field and the value."""
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        if required:
+            raise ModelConfigError(f"{where}: missing field {' or '.join(repr(k) for k in keys)}")
+        return int(default or 0)
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value != int(value):
+        raise ModelConfigError(f"{where}: {key} must be a whole number, got {value!r}")
+    if positive and value <= 0:
+        raise ModelConfigError(f"{where}: {key} must be positive, got {int(value)}")
+    return int(value)
+
+
 def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | None = None) -> ModelSpec:
     """Build a ``ModelSpec`` from a Hugging Face ``config.json`` mapping.
 
@@ -112,19 +130,18 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | No
                  if k in cfg}
         cfg = {**outer, **cfg["text_config"]}
 
-    hidden = int(_get(cfg, "hidden_size", "d_model", required=True, where=where))
-    layers = int(_get(cfg, "num_hidden_layers", "n_layer", "num_layers", required=True, where=where))
-    heads = int(_get(cfg, "num_attention_heads", "n_head", required=True, where=where))
-    kv_heads = int(_get(cfg, "num_key_value_heads", default=heads))
-    head_dim = int(_get(cfg, "head_dim", default=hidden // heads))
-    vocab = int(_get(cfg, "vocab_size", required=True, where=where))
-    intermediate = int(_get(cfg, "intermediate_size", default=4 * hidden))
+    hidden = _int(cfg, "hidden_size", "d_model", required=True, where=where, positive=True)
+    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", required=True, where=where, positive=True)
+    heads = _int(cfg, "num_attention_heads", "n_head", required=True, where=where, positive=True)
+    kv_heads = _int(cfg, "num_key_value_heads", default=heads, where=where, positive=True)
+    head_dim = _int(cfg, "head_dim", default=hidden // heads, where=where, positive=True)
+    vocab = _int(cfg, "vocab_size", required=True, where=where, positive=True)
+    intermediate = _int(cfg, "intermediate_size", default=4 * hidden, where=where, positive=True)
     tied = bool(cfg.get("tie_word_embeddings", False))
-    max_pos = int(_get(cfg, "max_position_embeddings", default=4096))
-    for field, value in {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-                         "num_key_value_heads": kv_heads, "vocab_size": vocab}.items():
-        if value <= 0:
-            raise ModelConfigError(f"{where}: {field} must be positive, got {value}")
+    max_pos = _int(cfg, "max_position_embeddings", default=4096, where=where, positive=True)
+    if head_dim <= 0:
+        raise ModelConfigError(f"{where}: head_dim is 0 (hidden_size {hidden} < num_attention_heads {heads}): give "
+                               "head_dim")
     weight_bytes = _DTYPE_BYTES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), 2.0)
     quant = cfg.get("quantization_config") or {}
     method = quant.get("quant_method")
@@ -133,12 +150,12 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | No
     expert_bytes = _MXFP4_BYTES if method == "mxfp4" else weight_bytes
 
     # --- attention (per layer) ---
-    kv_lora_rank = cfg.get("kv_lora_rank")
+    kv_lora_rank = _int(cfg, "kv_lora_rank", default=0, where=where)
     if kv_lora_rank:  # DeepSeek-V2/V3 multi-head latent attention
-        rope = int(cfg["qk_rope_head_dim"])
-        nope = int(cfg["qk_nope_head_dim"])
-        v_dim = int(cfg["v_head_dim"])
-        q_lora = cfg.get("q_lora_rank")
+        rope = _int(cfg, "qk_rope_head_dim", required=True, where=where)
+        nope = _int(cfg, "qk_nope_head_dim", required=True, where=where)
+        v_dim = _int(cfg, "v_head_dim", required=True, where=where)
+        q_lora = _int(cfg, "q_lora_rank", default=0, where=where)
         q_params = hidden * heads * (nope + rope) if not q_lora else hidden * q_lora + q_lora * heads * (nope + rope)
         attn_params = (q_params + hidden * (kv_lora_rank + rope) + kv_lora_rank * heads * (nope + v_dim)
                        + heads * v_dim * hidden)
@@ -154,7 +171,7 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | No
 
     # --- which layers use sliding-window attention (gpt-oss alternates) ---
     layer_types = cfg.get("layer_types")
-    window = int(cfg.get("sliding_window") or 0)
+    window = _int(cfg, "sliding_window", default=0, where=where)
     if layer_types and window:
         n_windowed = sum(1 for t in layer_types if t == "sliding_attention")
     else:
@@ -162,25 +179,26 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | No
     n_full = layers - n_windowed
 
     # --- MoE structure ---
-    num_experts = int(_get(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
-    top_k = int(_get(cfg, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0) or 0)
+    num_experts = _int(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=0, where=where)
+    top_k = _int(cfg, "num_experts_per_tok", "experts_per_token", "moe_topk", default=0, where=where)
     if num_experts and not top_k:
         raise ModelConfigError(f"{where}: MoE config has {num_experts} experts but no num_experts_per_tok")
     if num_experts and top_k > num_experts:
         raise ModelConfigError(f"{where}: num_experts_per_tok={top_k} exceeds the {num_experts} experts")
     moe_layer_ids: list[int] = []
     if num_experts:
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
+        first_dense = _int(cfg, "first_k_dense_replace", default=0, where=where)
         mlp_only = set(cfg.get("mlp_only_layers") or [])
         if cfg.get("moe_layer_freq") is not None:  # DeepSeek: layer i is MoE when i % freq == 0
-            freq = int(cfg["moe_layer_freq"]) or 1
+            freq = _int(cfg, "moe_layer_freq", where=where) or 1
             moe_layer_ids = [i for i in range(layers) if i >= first_dense and i % freq == 0]
         else:  # Qwen decoder_sparse_step, Llama 4 interleave_moe_layer_step: (i + 1) % step == 0
-            step = int(_get(cfg, "decoder_sparse_step", "interleave_moe_layer_step", default=1) or 1)
+            step = _int(cfg, "decoder_sparse_step", "interleave_moe_layer_step", default=1, where=where) or 1
             moe_layer_ids = [i for i in range(layers)
                              if i >= first_dense and (i + 1) % step == 0 and i not in mlp_only]
     n_moe = len(moe_layer_ids)
-    expert_inter = int(_get(cfg, "moe_intermediate_size", default=intermediate)) if num_experts else 0
+    expert_inter = _int(cfg, "moe_intermediate_size", default=intermediate, where=where, positive=True) \
+        if num_experts else 0
     expert_params = 3 * hidden * expert_inter if num_experts else 0  # gated MLP: gate, up, down
     if num_experts and cfg.get("model_type") == "gpt_oss":
         expert_params += 2 * expert_inter + hidden  # gate_up and down biases
@@ -188,13 +206,13 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom", where: str | No
     shared = 0
     if num_experts:
         if cfg.get("shared_expert_intermediate_size"):  # Qwen2-MoE
-            shared = 3 * hidden * int(cfg["shared_expert_intermediate_size"]) + hidden  # + shared-expert gate
+            shared = 3 * hidden * _int(cfg, "shared_expert_intermediate_size", where=where) + hidden  # + its gate
         elif cfg.get("n_shared_experts"):  # DeepSeek-MoE / V2
-            shared = 3 * hidden * expert_inter * int(cfg["n_shared_experts"])
+            shared = 3 * hidden * expert_inter * _int(cfg, "n_shared_experts", where=where)
         elif cfg.get("model_type") in ("llama4_text", "llama4"):
             shared = 3 * hidden * expert_inter
     router = hidden * num_experts if num_experts else 0
-    dense_ffn_inter = int(_get(cfg, "intermediate_size_mlp", default=intermediate))
+    dense_ffn_inter = _int(cfg, "intermediate_size_mlp", default=intermediate, where=where, positive=True)
     dense_ffn = 3 * hidden * dense_ffn_inter
     norms = 2 * hidden
     per_layer_common = attn_params + norms

@@ -105,9 +105,12 @@ def resolve_policy(policy: str) -> type:
         raise ControllerError(f"control.policy: unknown policy {policy!r}; expected one of "
                               f"{', '.join(POLICY_NAMES)} or module:Class")
     mod_name, _, cls_name = policy.partition(":")
+    if not mod_name or mod_name.startswith(".") or not cls_name:
+        raise ControllerError(f"control.policy: {policy!r}: expected module:Class with an absolute module path "
+                              "(e.g. mypolicies:Greedy, importable from the current folder or PYTHONPATH)")
     try:
         return getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
         raise ControllerError(f"control.policy: cannot load {policy!r}: {exc}") from None
 
 

@@ -42,7 +42,7 @@ class Derived(BaseModel):
       must use the same GPU type), e.g. the fixed cap of ``static`` / ``batch-only`` matching a budget share.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     fraction_of_peak: str | float | None = Field(None, description="Variable name or number: x peak power (W).")
     fraction_of_gpu_max: str | float | None = Field(None, description="Variable name or number: x the GPU's max "
@@ -80,7 +80,7 @@ def _check_axis(values: Any, where: str) -> list[Any]:
 class SweepSpec(BaseModel):
     """A sweep: every combination of the grid values x zip groups x seeds, applied to the base scenario."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str | None = Field(None, description="Sweep name (default: the spec file's stem).")
     base: str = Field(min_length=1, description="Base scenario file, relative to the spec's folder.")

@@ -178,6 +178,11 @@ def check_scenario(scenario: Scenario, source: str) -> None:
             p = scenario.resolve_path(dep.workload.path)
             if not Path(p).is_file():
                 raise ScenarioError(f"{where}.workload.path: trace file not found: {p}")
+    knob = scenario.control.max_num_seqs
+    for i, dep in enumerate(scenario.deployments):
+        if knob is not None and knob > dep.engine.max_num_seqs:
+            raise ScenarioError(f"{source}: control.max_num_seqs: {knob} is above deployments.{i}.engine.max_num_seqs "
+                                f"= {dep.engine.max_num_seqs} (the knob moves within the engine's limit)")
     from sim.control.base import ControllerError, resolve_policy
 
     try:

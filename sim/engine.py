@@ -24,7 +24,7 @@ import simpy
 
 from sim.gpu import SimGpu
 from sim.itl import ItlPieces
-from sim.physics import ReplicaPhysics, Stretch, duration_runs
+from sim.physics import ReplicaPhysics, StepWork, Stretch, duration_runs
 from sim.workload import Request
 
 LOG_FIELDS = 9  # a decode-log row: Stretch.shape (7), iterations run, decoding requests
@@ -79,6 +79,11 @@ class Engine:
         self._start_s = 0.0
         self._chunks: list[tuple[Request, int]] = []  # (request, chunk) of a prefill-carrying step
         self._n_dec = 0  # decoding requests in the stretch in flight
+        # A prefill-carrying step in flight: its whole work, the share of it still to run from ``_start_s``, and
+        # the time its earlier parts took (a cap change mid-step re-times the rest at the new clock).
+        self._step_work: StepWork | None = None
+        self._step_left = 1.0
+        self._step_elapsed_s = 0.0
         self._pending: simpy.Event | None = None  # the live end-of-stretch event; superseded ones are ignored
         self._iter_done = 0  # iteration mode: iterations finished in the current stretch
         self._replan = False  # iteration mode: end the stretch at the next iteration boundary
@@ -135,8 +140,40 @@ class Engine:
 
     def _on_cap_change(self, _gpu: SimGpu) -> None:
         self._cap = min(g.get_power_limit_w() for g in self.gpus)
-        if self._stretch is not None and not self._chunks:
+        if self._stretch is None:
+            return
+        if self._chunks:
+            self._retime_step()
+        else:
             self._end_early()
+
+    def _retime_step(self) -> None:
+        """The cap changed during a prefill-carrying step: the governor moves the clock at once, so the rest of
+        the step (its work done so far in proportion to the time it has run) runs at the new cap's clock."""
+        s, work = self._stretch, self._step_work
+        assert s is not None and work is not None
+        elapsed = self.env.now - self._start_s
+        total = s.total_time_s()
+        if elapsed >= total * (1.0 - 1e-12):
+            return  # its end event is due now
+        clock = self.phys.clock_for_cap(work, self._cap)  # the step's mix of work is the same all through
+        if clock == s.clock:
+            return
+        self._step_left *= 1.0 - elapsed / total
+        self._step_elapsed_s += elapsed
+        rest = Stretch(self.phys, StepWork(*(x * self._step_left for x in work)), 0.0, 0.0, clock, 1)
+        self._stretch = rest
+        self._start_s = self.env.now
+        if self.iteration_stepping:
+            self._it = rest
+        self.ledger.begin(rest)
+        self._schedule(rest.total_time_s())
+
+    def _logged_shape(self, s: Stretch) -> tuple[float, ...]:
+        """The closed-form shape the ITL log records for a stretch: a re-timed step's whole duration."""
+        if self._chunks and self._step_elapsed_s > 0.0:
+            return (self._step_elapsed_s + s.total_time_s(), 0.0, 0.0, 0.0, 0.0, 0, 0.0)
+        return s.shape()
 
     # ----- telemetry --------------------------------------------------------------------------------------
     @property
@@ -305,6 +342,7 @@ class Engine:
                 logits += 1
             tokens += c
         work = self.phys.step_work(tokens, logits, n_dec + len(chunks), pairs, kv, pairs_w, kv_w, new)
+        self._step_work, self._step_left, self._step_elapsed_s = work, 1.0, 0.0
         return Stretch(self.phys, work, 0.0, 0.0, self.phys.clock_for_cap(work, self._cap), 1)
 
     def _decode_stretch(self, n: int, occupancy: int) -> Stretch:
@@ -388,7 +426,7 @@ class Engine:
             self._iter_done += 1
             if self._n_dec:
                 assert self._it is not None
-                self._decode_log += self._it.shape()
+                self._decode_log += self._logged_shape(self._it)
                 self._decode_log += (1, self._n_dec)
                 if self.on_tokens is not None:
                     self.on_tokens(list(self.decoding.values()), 1)
@@ -409,7 +447,7 @@ class Engine:
         if self._n_dec:
             if not self.iteration_stepping:
                 assert self._stretch is not None
-                self._decode_log += self._stretch.shape()
+                self._decode_log += self._logged_shape(self._stretch)
                 self._decode_log += (m, self._n_dec)
                 if self.on_tokens is not None:
                     self.on_tokens(list(self.decoding.values()), m)

@@ -194,8 +194,9 @@ class DeploymentRuntime:
         for gpu, cap in zip(self.gpus, caps, strict=True):
             lo, hi = gpu.get_power_limit_range_w()
             gpu.set_power_limit_w(min(max(float(cap), lo), hi))
-        # A decode step needs a token of the step budget per sequence: the knob cannot exceed the budget.
-        self.max_num_seqs = min(max(1, int(action.max_num_seqs)), self.cfg.engine.max_num_batched_tokens)
+        # The knob lives within the engine's own max_num_seqs (vLLM's, fixed at start-up), and a decode step needs
+        # a token of the step budget per sequence (which the scenario check already holds at max_num_seqs).
+        self.max_num_seqs = min(max(1, int(action.max_num_seqs)), self.cfg.engine.max_num_seqs)
         for engine in self.engines:
             engine.set_max_num_seqs(self.max_num_seqs)
 
@@ -234,6 +235,9 @@ class RunResult:
     sim_events: int
     wall_s: float
     infeasible_windows: int = 0  # windows whose budget was below the sum of the lowest caps
+
+
+TICK_TOLERANCE = 1e-9  # relative: a control tick this close to the run's end is the end itself
 
 
 class SimPlant:
@@ -292,10 +296,15 @@ class SimPlant:
         budget = self.budget.at(0.0)
         for dep, share in zip(self.deployments, self.split(budget).shares_w, strict=True):
             dep.apply(dep.controller.decide(self._observe(dep, 0.0, record=False, budget=budget, share=share,
-                                                          next_share=share)))
+                                                          next_share=share, next_budget=budget)))
+        end = self.scenario.duration_s
         while True:
             self.control_ticks += 1
-            yield self.env.timeout(period)
+            # Tick k at k·period exactly (a sum of periods drifts); one within rounding of the end is the end's.
+            tick = self.control_ticks * period
+            if tick >= end * (1.0 - TICK_TOLERANCE):
+                return  # the run's own end samples the last window
+            yield self.env.timeout(tick - self.env.now)
             self.sample(act=True)
 
     def sample(self, act: bool) -> None:
@@ -307,11 +316,12 @@ class SimPlant:
         budget = self.budget.at(self._last_sample_s)  # in force during the window just ended
         split = self.split(budget)
         self.infeasible_windows += not split.feasible
-        upcoming = self.split(self.budget.at(now))  # in force from now on: what the controllers must respect
+        next_budget = self.budget.at(now)
+        upcoming = self.split(next_budget)  # in force from now on: what the controllers must respect
         total_power = 0.0
         for i, dep in enumerate(self.deployments):
             obs = self._observe(dep, window, record=True, budget=budget, share=split.shares_w[i],
-                                next_share=upcoming.shares_w[i])
+                                next_share=upcoming.shares_w[i], next_budget=next_budget)
             total_power += sum(obs.gpu_power_w)
             if act:
                 dep.apply(dep.controller.decide(obs))
@@ -319,7 +329,7 @@ class SimPlant:
         self._last_sample_s = now
 
     def _observe(self, dep: DeploymentRuntime, window: float, record: bool, budget: float, share: float,
-                 next_share: float) -> Observation:
+                 next_share: float, next_budget: float) -> Observation:
         """Telemetry of the window just ended (recorded against the budget and share then in force), as an
         observation that carries the share in force from now on."""
         now = self.env.now
@@ -365,7 +375,8 @@ class SimPlant:
             power_limit_range_w=dep.gpus[0].get_power_limit_range_w(), max_num_seqs=dep.max_num_seqs,
             queue_len=sum(len(e.waiting) for e in dep.engines), running=sum(e.num_running for e in dep.engines),
             ttft_p50_s=ttft, tpot_p50_s=_median(tpots),
-            budget_w=next_share, throughput_target_tokens_per_s=dep.target_tokens_per_s)
+            budget_w=next_share, throughput_target_tokens_per_s=dep.target_tokens_per_s,
+            scenario_budget_w=next_budget)
 
     def run(self) -> RunResult:
         """Run to ``duration_s`` (or until a finite workload is served) and return the records."""

@@ -213,6 +213,7 @@ def _load_trace_cached(path_text: str, fmt: str, _size: int, _mtime_ns: int) -> 
 
 
 # ----- sources as SimPy processes ------------------------------------------------------------------------
+MAX_DROPS_IN_A_ROW = 1000  # closed loop: this many dropped requests in a row and the clients stop
 Submit = Callable[[Request], None]
 
 
@@ -252,6 +253,7 @@ class RequestSource:
         elif isinstance(w, ClosedLoopWorkload):
             self._remaining = w.requests if w.requests is not None else math.inf
             self._active_clients = w.clients
+            self._drops_in_a_row = 0
             self._at_start(lambda: [self._closed_issue(delay=0.0) for _ in range(w.clients)])
         elif isinstance(w, StaticBatchesWorkload):
             self._remaining = w.requests if w.requests is not None else math.inf
@@ -301,7 +303,9 @@ class RequestSource:
         env.timeout(0).callbacks.append(issue)
 
     # closed loop: each finished request schedules its client's next one
-    def _closed_issue(self, delay: float) -> None:
+    def _closed_issue(self, delay: float, defer: bool = False) -> None:
+        """The client's next request, ``delay`` from now (``defer``: as an event even at no delay, so that a run
+        of requests dropped on arrival does not nest calls)."""
         if self._remaining <= 0 or self.env.now + delay >= self.scenario.duration_s:
             self._active_clients -= 1
             if self._active_clients == 0:
@@ -317,21 +321,25 @@ class RequestSource:
             req.on_finish = self._closed_done
             self.submit(req)
 
-        if delay > 0:
+        if delay > 0 or defer:
             self.events += 1
             self.env.timeout(delay).callbacks.append(fire)
         else:
             fire()
 
     def _closed_done(self, req: Request) -> None:
-        if req.drop_reason:  # the engine cannot serve this client's request: the client gives up
+        # A dropped request (too long for the engine, say) is the client's to count, not the end of the client: it
+        # sends its next one. Only when every one of a long run of requests is dropped can the workload not be
+        # served at all; then the clients stop rather than loop at one instant.
+        self._drops_in_a_row = self._drops_in_a_row + 1 if req.drop_reason else 0
+        if self._drops_in_a_row >= MAX_DROPS_IN_A_ROW:
             self._active_clients -= 1
             if self._active_clients == 0:
                 self._finish_source()
             return
         w = self.dep.workload
         think = float(self.rng.exponential(w.think_time_s)) if w.think_time_s > 0 else 0.0
-        self._closed_issue(think)
+        self._closed_issue(think, defer=bool(req.drop_reason))
 
     # static batches: the next batch when every request of the previous one has finished
     def _static_batch(self) -> None:

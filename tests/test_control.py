@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from sim.control import Action, ControllerContext, Observation
-from sim.control.coordinator import Claim, even_split, need_split
+from sim.control.coordinator import Claim, Split, even_split, need_split
 from sim.control.models import Prediction
 from sim.control.pid import Hysteresis, Pid
 from sim.control.policies import (
@@ -166,3 +167,29 @@ def test_budget_below_the_lowest_caps_is_reported_infeasible():
     t = out.summary["totals"]
     assert t["budget_infeasible_fraction"] == 1.0
     assert (out.timeseries["power_cap_w"] == 200).all()  # every GPU held at its lowest cap
+
+
+def test_even_split_gives_no_deployment_less_than_its_floor():
+    # Two H100s (lowest cap 200 W) and two A100s (100 W) under 700 W: even by GPU count would give each GPU
+    # 175 W, below the H100s' lowest cap, so the budget would be broken although it covers the floors (600 W).
+    claims = [Claim(2, 200.0, 700.0), Claim(2, 100.0, 400.0)]
+    split = even_split(700.0, claims)
+    assert split.feasible and split.shares_w == (400.0, 300.0)
+    assert sum(split.shares_w) == 700.0
+    assert even_split(2000.0, claims).shares_w == (1000.0, 1000.0)  # no floor binds: by GPU count
+    assert even_split(500.0, claims) == Split((250.0, 250.0), False)  # below the floors: infeasible, said so
+
+
+def test_a_share_moved_by_the_coordinator_keeps_the_feedback():
+    # The plant delivers less than the model predicts: the PID builds a correction. A share the coordinator
+    # moves under the same scenario budget re-plans with it; a new scenario budget starts afresh.
+    c = PalsController(_ctx())
+    c.decide(replace(_obs(160.0, budget=300.0, t=0.0), scenario_budget_w=600.0))
+    for t in range(1, 4):
+        c.decide(replace(_obs(160.0, budget=300.0, t=0.5 * t), scenario_budget_w=600.0))
+    built = c.correction
+    assert built > 1.0
+    c.decide(replace(_obs(160.0, budget=290.0, t=2.5), scenario_budget_w=600.0))  # the coordinator moved 10 W
+    assert c.correction >= built and c.pid.integral > 0.0
+    c.decide(replace(_obs(160.0, budget=250.0, t=3.0), scenario_budget_w=500.0))  # a new budget
+    assert c.correction == 1.0 and c.pid.integral == 0.0

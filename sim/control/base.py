@@ -40,6 +40,9 @@ class Observation:
     tpot_p50_s: float  # requests that finished in the window (nan: none)
     budget_w: float  # this deployment's share of the power budget (inf: none)
     throughput_target_tokens_per_s: float = math.nan  # nan: no target
+    # The whole scenario's budget in force from now on (inf: none; nan: not given, budget_w is the whole budget).
+    # A share can move while it stays put: the coordinator shifting power between deployments.
+    scenario_budget_w: float = math.nan
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Sharing one power budget between deployments with different models and throughput targets.
 
-The even split gives each deployment a share proportional to its GPU count, whatever it needs. The need
+The even split gives each deployment a share proportional to its GPU count, whatever it needs (but never less
+than its floor when the budget covers the floors: GPUs of different types have different lowest caps). The need
 split first gives every deployment its floor (GPU count × lowest cap), then what its offline model says it
 needs to meet its target (GPU count × the cap of the most efficient configuration that meets it), then
 spreads what is left by GPU count. When the needs do not all fit, each gets its floor plus the same fraction
@@ -43,10 +44,21 @@ class Split:
 
 
 def even_split(budget_w: float, claims: list[Claim]) -> Split:
-    """Shares proportional to GPU count."""
-    total_gpus = sum(c.num_gpus for c in claims)
+    """Shares proportional to GPU count, except that a feasible budget gives no deployment less than its floor
+    (GPUs whose lowest cap is above the even share get that cap, and the others share what is left)."""
     feasible = budget_w >= sum(c.floor_w for c in claims)
-    return Split(tuple(budget_w * c.num_gpus / total_gpus for c in claims), feasible)
+    if not feasible or not math.isfinite(budget_w):
+        total_gpus = sum(c.num_gpus for c in claims)
+        return Split(tuple(budget_w * c.num_gpus / total_gpus for c in claims), feasible)
+    at_floor: set[int] = set()
+    while True:
+        left = budget_w - sum(claims[i].floor_w for i in at_floor)
+        gpus = sum(c.num_gpus for i, c in enumerate(claims) if i not in at_floor)
+        shares = [c.floor_w if i in at_floor else left * c.num_gpus / gpus for i, c in enumerate(claims)]
+        below = {i for i, c in enumerate(claims) if i not in at_floor and shares[i] < c.floor_w}
+        if not below:
+            return Split(tuple(shares), True)
+        at_floor |= below
 
 
 def need_split(budget_w: float, claims: list[Claim]) -> Split:

@@ -104,6 +104,7 @@ class _ModelPolicy:
         self.correction = 1.0
         self.action: Action | None = None
         self._budget = math.nan
+        self._whole = math.nan
         self._target = math.nan
 
     def _decide_cap_limit(self, obs: Observation) -> float:
@@ -115,10 +116,16 @@ class _ModelPolicy:
         return Action(tuple([c.power_cap_w] * self.ctx.num_gpus), c.max_num_seqs)
 
     def decide(self, obs: Observation) -> Action:
-        """Keep, or reconfigure when the budget or target changed or the error persisted."""
+        """Keep, or reconfigure when the budget or target changed or the error persisted.
+
+        A new scenario budget or target starts afresh (the feedback learnt under the old one is dropped); a share
+        the coordinator moved between deployments under the same budget only re-plans, keeping the feedback: the
+        shares follow the corrections, so forgetting them would move the shares back, and so on."""
         target = obs.throughput_target_tokens_per_s
-        changed = (self.action is None or not _same(obs.budget_w, self._budget) or not _same(target, self._target))
-        self._budget, self._target = obs.budget_w, target
+        whole = obs.budget_w if math.isnan(obs.scenario_budget_w) else obs.scenario_budget_w
+        changed = self.action is None or not _same(whole, self._whole) or not _same(target, self._target)
+        share_moved = not _same(obs.budget_w, self._budget)
+        self._budget, self._whole, self._target = obs.budget_w, whole, target
         if changed:
             self.pid.reset()
             self.correction = 1.0
@@ -126,6 +133,8 @@ class _ModelPolicy:
             self.smoothed = math.nan
             self.action = self._configure(obs)
             return self.action
+        if share_moved:
+            self.action = self._configure(obs)
         if self.uses_feedback and not math.isnan(target) and target > 0 and obs.window_s > 0:
             a = self.smoothing
             self.smoothed = (obs.output_tokens_per_s if math.isnan(self.smoothed)

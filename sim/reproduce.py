@@ -354,10 +354,11 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "- **Multi-node.** Our three simulated nodes draw ~4,000 W unconstrained (the paper's ~5,850 W), so "
               "the budget at the same tightness gives static an even share of ~180 W per GPU. There mixtral keeps "
               "about 66 % of its unconstrained throughput (closed form), above its 60 % target, and misses it "
-              "in one window in fifteen as the Poisson load fluctuates; deepseek and olmoe keep all of theirs at "
-              "that share. The need split moves power to mixtral and cuts its misses below 0.1 %, and gains 3.1 % "
-              "of system tokens/J rather than the paper's 12 %: the share static gives is already near the "
-              "tokens/J optimum of the data (150-250 W).",
+              "in about one window in seventeen as the Poisson load fluctuates; deepseek and olmoe keep all of "
+              "theirs at that share. The need split moves power to mixtral and cuts its misses to 0.1 % (taking "
+              "enough from deepseek that it misses in 0.7 %), and gains 3.9 % of system tokens/J rather than the "
+              "paper's 12 %: the share static gives is already near the tokens/J optimum of the data "
+              "(150-250 W).",
               "- **8xH100.** No measurement in `../shared/data` varies an H100's power limit: its fit "
               "(ML.ENERGY, Argonne) sees only the default 700 W, so how its clock and HBM energy respond to caps "
               "is extrapolated (the voltage curve and the host-wait power stay at their first estimates, and the "

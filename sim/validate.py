@@ -78,6 +78,11 @@ def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# The unit of each metric on the predicted-vs-measured axes.
+AXIS_UNITS = {"throughput_tokens_per_s": "(output tokens/s)", "power_w_per_gpu": "(W per GPU)",
+              "itl_median_s": "(s)", "itl_p99_s": "(s)", "running_seqs_mean": "(sequences)"}
+
+
 def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str) -> str:
     """The HTML page: predicted vs measured per metric, and the error by power cap and by batch."""
     present = [m for m in METRICS if validated[m].notna().any()]
@@ -101,14 +106,18 @@ def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str
             fig.add_trace(go.Scatter(x=g["power_cap_w"], y=g[f"error_{m}_pct"], mode="markers", name=model,
                                      text=[f"batch {b}" for b in g["max_num_seqs"]], legendgroup=model,
                                      showlegend=False, marker={"color": colours[model], "size": 6}), row=2, col=col)
-        fig.update_xaxes(type="log", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
+        unit = AXIS_UNITS.get(m, "")
+        fig.update_xaxes(type="log", title_text=f"measured {unit}", row=1, col=col)
+        fig.update_yaxes(type="log", title_text=f"predicted {unit}", row=1, col=col)
+        fig.update_xaxes(title_text="power cap (W)", row=2, col=col)
+        fig.update_yaxes(title_text="error (%)", row=2, col=col)
     fig.update_layout(height=800, title=title)
     batch_fig = go.Figure()
     for model, g in validated.groupby("model", sort=True):
         batch_fig.add_trace(go.Scatter(x=g["max_num_seqs"], y=g["error_throughput_tokens_per_s_pct"], mode="markers",
                                        name=model, marker={"color": colours[model]}))
-    batch_fig.update_layout(title="throughput error (%) by batch (max_num_seqs)", xaxis_type="log", height=400)
+    batch_fig.update_layout(title="throughput error (%) by batch (max_num_seqs)", xaxis_type="log", height=400,
+                            xaxis_title="max_num_seqs (batch knob)", yaxis_title="throughput error (%)")
     header, rows = summary_table(summary)
     head = "".join(f"<th>{h}</th>" for h in header)
     table_rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)

@@ -425,7 +425,11 @@ def test_validate_cli_writes_its_three_files_and_rejects_unknown_models(tmp_path
     assert summary["overall"]["rows"] == 14
     assert {"by_model", "by_gpu", "by_source"} <= set(summary)
     assert len(pd.read_csv(tmp_path / "v" / "validation.csv")) == 14
-    assert "plotly" in (tmp_path / "v" / "validation.html").read_text()
+    page = (tmp_path / "v" / "validation.html").read_text()
+    assert "plotly" in page
+    for label in ("measured (output tokens\\u002fs)", "predicted (W per GPU)", "power cap (W)", "error (%)",
+                  "max_num_seqs (batch knob)"):
+        assert label in page  # every axis says what it is and in what unit (plotly escapes "/" in its JSON)
     bad = pals().head(2).copy()
     bad.loc[1, "model"] = "gpt-5"
     write_table(bad, table)

@@ -23,7 +23,7 @@ import yaml
 from sim.run import run_scenario
 from sim.scenario import load_scenario
 from sim.sweep import results as results_module
-from sim.sweep.execute import _sigint_ignored, dask_client, run_sweep
+from sim.sweep.execute import _sigint_held, dask_client, run_sweep
 from sim.sweep.expand import load_sweep, scenario_key
 from sim.sweep.results import METRIC_COLUMNS, RESULTS_FILE, ResultsTable
 from sim.sweep.spec import SweepError
@@ -255,11 +255,23 @@ def test_zero_workers_refused():
         pass
 
 
-def test_sigint_ignored_while_the_cluster_starts_then_restored():
+def test_a_ctrl_c_while_the_cluster_starts_is_held_not_lost():
+    # Once SIGINT was ignored while the workers started: a Ctrl-C in that second was lost and the whole sweep ran.
     before = signal.getsignal(signal.SIGINT)
-    with _sigint_ignored():
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    with _sigint_held() as received:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs on the main thread at the next bytecode
+        assert received == [signal.SIGINT]  # recorded; the caller raises KeyboardInterrupt once it can clean up
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_workers_ignore_ctrl_c_and_the_driver_stops_the_sweep():
+    from sim.sweep.quiet import QuietOnCtrlC
+
+    with dask_client(workers=1) as client:
+        assert QuietOnCtrlC.name in client.run(lambda dask_worker: list(dask_worker.plugins)).popitem()[1]
+        dispositions = client.run(lambda: str(signal.getsignal(signal.SIGINT)))
+        assert set(dispositions.values()) == {str(signal.SIG_IGN)}
 
 
 # ----- a sweep folder, without a cluster ------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 **Throughput retained** of a run = its output throughput ÷ the throughput of its reference run: the run with the
 same seed and the same values of every other varied parameter (model mix, ...), at the sweep's highest budget
-level (100 % of peak in ``scenarios/whatif/grid_budget.yaml``, where no cap binds) under the ``static``
+level (100 % of peak in ``scenarios/whatif/grid_budget.yaml``, where no cap binds), under the ``static``
 policy when the sweep has ``static`` runs — one common, unconstrained yardstick for every policy — and under
 the run's own policy otherwise.
 """

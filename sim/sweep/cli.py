@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ err_console = Console(stderr=True)
 
 def _progress_bar() -> Progress:
     return Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("failed [red]{task.fields[failed]}[/]  running {task.fields[running]}"),
+                    TextColumn("failed [red]{task.fields[failed]}[/]  on workers {task.fields[running]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
 
@@ -60,6 +61,13 @@ def sweep(
             bar.start()
         bar.update(task, completed=done, total=total, failed=failed, running=running)
 
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, _frame: object) -> None:  # as Ctrl-C: cancel the runs, close the cluster
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = run_sweep(spec, out, workers=workers, scheduler=scheduler, resume=resume,
                            retry_failed=retry_failed, progress=update)
@@ -69,14 +77,21 @@ def sweep(
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         _stop(bar)
-        err_console.print(f"interrupted: the finished runs are in {escape(str(out))}/results.parquet; rerun with "
-                          "--resume to complete the sweep", highlight=False)
-        raise typer.Exit(code=130) from None
+        results = out / "results.parquet"
+        where = (f"the finished runs are in {escape(str(results))}" if results.is_file()
+                 else "no run had finished")
+        err_console.print(f"interrupted: {where}; rerun with --resume to complete the sweep", highlight=False)
+        raise typer.Exit(code=128 + signal.SIGTERM if terminated else 130) from None
     finally:
         _stop(bar)
+        signal.signal(signal.SIGTERM, previous)
     console.print(f"{result.total} runs: {result.ok} ok, {result.failed} failed"
                   + (f" ({result.skipped} already recorded)" if result.skipped else ""), soft_wrap=True)
     console.print(f"results in {result.results_path}  (report: {result.report_path})", soft_wrap=True)
+    if result.failed:  # recorded with their errors; a script must still see that the sweep is not all there
+        err_console.print(f"error: {result.failed} run(s) failed (their errors are in the results' error column); "
+                          "fix them and rerun with --resume --retry-failed", highlight=False)
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer) -> None:

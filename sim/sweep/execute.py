@@ -51,19 +51,16 @@ def run_one(scenario: Scenario) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore SIGINT meanwhile (main thread only: elsewhere signal handlers cannot be set), then restore it.
-
-    Processes started meanwhile inherit the ignored SIGINT (Python keeps an ignored SIGINT at start-up), so a
-    Ctrl-C reaches the driver alone, which cancels the runs and closes the cluster, instead of printing a
-    traceback from every worker process.
-    """
+def _sigint_held() -> Iterator[list[int]]:
+    """Hold a Ctrl-C meanwhile (main thread only: elsewhere signal handlers cannot be set): it is recorded, not
+    acted on, and the caller raises ``KeyboardInterrupt`` once it has something it can close."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
@@ -87,11 +84,26 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     n = (os.cpu_count() or 1) if workers is None else workers
     if n < 1:
         raise SweepError(f"--workers {n}: expected at least 1")
-    with _sigint_ignored():  # the worker processes inherit it: Ctrl-C stops the driver, not each worker loudly
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                               silence_logs=logging.ERROR)
-    client = Client(cluster)
+    from sim.sweep.quiet import QuietOnCtrlC
+
+    cluster = client = None
+    with _sigint_held() as ctrl_c:  # a Ctrl-C while the workers start stops the sweep once they can be closed
+        try:
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR)
+            client = Client(cluster)
+            client.register_plugin(QuietOnCtrlC())
+        except Exception:
+            for part in (client, cluster):
+                if part is not None:
+                    with contextlib.suppress(Exception):
+                        part.close()
+            if ctrl_c:  # the Ctrl-C also reached a starting worker, which died of it: an interruption, not a failure
+                raise KeyboardInterrupt from None
+            raise
     try:
+        if ctrl_c:
+            raise KeyboardInterrupt
         yield client
     finally:
         client.close()

@@ -17,8 +17,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from sim.report import render_report, table_html
-from sim.sweep.analysis import MODELS, POLICY, budget_table, pareto_mask, throughput_retained
-from sim.sweep.analysis import __doc__ as RETAINED_DOC
+from sim.sweep.analysis import MODELS, POLICY, REFERENCE_POLICY, budget_table, pareto_mask, throughput_retained
 from sim.sweep.expand import Sweep
 
 
@@ -106,6 +105,18 @@ def table_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, [[_fmt(v, c) for c, v in zip(table.columns, row, strict=True)] for row in table.itertuples(False)]
 
 
+def _retained_note(sweep: Sweep, ok: pd.DataFrame) -> str:
+    """What "throughput retained" means for this sweep (nothing without a budget axis)."""
+    axis = sweep.budget_axis
+    if axis is None or ok.empty:
+        return ""
+    reference = ("the static policy (one unconstrained yardstick for every policy)"
+                 if REFERENCE_POLICY in set(ok[POLICY]) else "the run's own policy (this sweep has no static runs)")
+    return (f"<p><b>Throughput retained</b>: a run's output throughput divided by that of its reference run, the run "
+            f"with the same seed and the same values of the other varied keys at this sweep's highest "
+            f"<code>{html.escape(axis)}</code> ({ok[axis].max():g}) under {reference}.</p>")
+
+
 def sweep_report(sweep: Sweep, df: pd.DataFrame) -> str:
     """The whole report page."""
     ok = df[df["status"] == "ok"].assign(throughput_retained=throughput_retained(sweep, df))
@@ -115,7 +126,7 @@ def sweep_report(sweep: Sweep, df: pd.DataFrame) -> str:
              f"({len(ok)} ok, {len(failed)} failed), varied: {html.escape(', '.join(sweep.param_columns))}, seeds "
              f"{html.escape(str(sorted(set(r.seed for r in sweep.runs))))}. Peak power: the sum over every GPU of its "
              f"maximum power limit (for a budget on system power, the node power at that GPU power).</p>"
-             f"<p>{html.escape(' '.join((RETAINED_DOC or '').split()))}</p>")
+             + _retained_note(sweep, ok))
     figures: list[go.Figure] = []
     sections = [("Sweep", facts)]
     if not ok.empty:

@@ -66,6 +66,21 @@ def _sigint_held() -> Iterator[list[int]]:
 
 
 @contextlib.contextmanager
+def _dask_logs_quiet() -> Iterator[None]:
+    """Silence Dask's and Tornado's own logging meanwhile: a lost scheduler or a cancelled connection is reported
+    by the sweep in one line (``execute``), not by pages of tracebacks from their loggers."""
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
     """A Dask client: on an existing scheduler (``tcp://HOST:PORT``) or on a new ``LocalCluster`` of ``workers``
     processes with one thread each (default: one per core)."""
@@ -279,7 +294,7 @@ def _run_locked(sweep: Sweep, out: Path, workers: int | None, scheduler: str | N
             if client is not None:
                 execute(sweep, table, client, progress)
             else:
-                with dask_client(workers, scheduler) as c:
+                with _dask_logs_quiet(), dask_client(workers, scheduler) as c:
                     execute(sweep, table, c, progress)
         except (OSError, TimeoutError, ClosedClientError) as exc:  # the scheduler went away (CommClosedError is
             # an OSError); a failed write of results.parquet is a SweepError, not one of these

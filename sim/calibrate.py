@@ -26,6 +26,7 @@ from scipy.optimize import least_squares
 
 from sim.catalog.calibration import CALIBRATION_DIR
 from sim.catalog.gpus import GpuSpec, datasheet_gpu
+from sim.catalog.models import load_model
 from sim.errors import PalsError
 from sim.io import write_json_atomic
 from sim.operating_point import RowPrediction, analytic_row, row_physics
@@ -37,6 +38,8 @@ PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row
 # Python in a few hundred microseconds.
 FIRST_ENGINE = EngineOverheads(eager_launch_s=3e-4)
 HOST_POWER_STARTS = (0.1, 0.5, 0.9)  # first trials of the host-wait power (shares of the active base power)
+TILE_RESTARTS = (1.0, 48.0)  # the fused-MoE tile (tokens) tried again from the best fit, at each end of its range
+RESTART_GAIN = 1e-3  # a restart must lower the cost by this share to replace the fit
 CORRELATION_REPORTED = 0.8  # parameter pairs whose estimates correlate at least this strongly are reported
 
 
@@ -92,6 +95,10 @@ PARAMS = (
 # clocked base power): without a row measured under a cap below the default limit the data cannot place them,
 # and the fit holds them at the first estimates.
 CAP_ONLY_PARAMS = ("voltage_floor", "voltage_knee", "host_power_share")
+# Likewise the fused-MoE kernels show only in MoE models' rows, and the collective latency only where a replica
+# spans GPUs: without such rows they are held at their first estimates too.
+MOE_ONLY_PARAMS = ("moe_tile_tokens", "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
+                   "expert_compute_fraction")
 
 
 @dataclass
@@ -182,7 +189,15 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     z0 = (x0 - lo) / span
     prior = PRIOR_WEIGHT * math.sqrt(len(rows))
     capped = has_capped_rows(rows)
-    free = np.array([capped or p.name not in CAP_ONLY_PARAMS for p in PARAMS])
+    moe = any(load_model(m).is_moe for m in set(rows["model"]))
+    collectives = bool(((rows["tensor_parallel"] > 1) | (rows["expert_parallel"] > 1)).any())
+    free = np.array([(capped or p.name not in CAP_ONLY_PARAMS) and (moe or p.name not in MOE_ONLY_PARAMS)
+                     and (collectives or p.name != "collective_latency_s") for p in PARAMS])
+    measurements = 2 * len(rows) + int(rows["itl_median_s"].notna().sum())
+    if measurements < int(free.sum()):
+        raise CalibrationError(f"{len(rows)} row(s) of {gpu_name} give {measurements} measurements, fewer than the "
+                               f"{int(free.sum())} parameters to fit: add operating points (other caps, batches or "
+                               "models)")
 
     def full(z_free: np.ndarray) -> np.ndarray:
         z = z0.copy()
@@ -207,6 +222,19 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
                                   max_nfev=max_evals, diff_step=1e-4)
         if sol is None or candidate.cost < sol.cost:
             sol = candidate
+    # The fused-MoE tile (whole tiles per touched expert) makes the residuals step-wise along it, with minima at
+    # a token or two and at a few dozen: from the best fit so far, try it again at each end of that range. A
+    # restart replaces the fit only when it finds a distinctly better minimum; one that merely polishes the same
+    # minimum would move the loosely placed parameters along their flat directions for nothing.
+    tile = [p.name for p in PARAMS].index("moe_tile_tokens")
+    if free[tile]:
+        for tokens in TILE_RESTARTS:
+            z_start = full(sol.x)
+            z_start[tile] = (tokens - lo[tile]) / span[tile]
+            candidate = least_squares(residuals, np.clip(z_start, 0.0, 1.0)[free], bounds=(0.0, 1.0),
+                                      method="trf", max_nfev=max_evals, diff_step=1e-4)
+            if candidate.cost < sol.cost * (1.0 - RESTART_GAIN):
+                sol = candidate
     gpu, engine = _unpack(lo + full(sol.x) * span, base)
     held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f)
     std, correlated = _uncertainty(sol, [p.name for p, f in zip(PARAMS, free, strict=True) if f], span[free])
@@ -281,7 +309,10 @@ def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: l
         test = rows[rows[by].isin(held)]
         train = rows[~rows[by].isin(held)]
         if train.empty or test.empty:
-            raise CalibrationError(f"holding out {by} = {held} leaves nothing to {'fit' if train.empty else 'predict'}")
+            others = [c for c in ("model", "power_cap_w", "max_num_seqs") if c != by and rows[c].nunique() > 1]
+            hint = f" (the rows differ in {', '.join(others)}: try --by {others[0]})" if others else ""
+            raise CalibrationError(f"holding out {by} = {held} leaves nothing to "
+                                   f"{'fit' if train.empty else 'predict'}{hint}")
         result = fit(train, gpu_name, same_die=same_die)
         out.append(HeldOut(tuple(held), len(train), len(test),
                            mape(predict_rows(test, result.gpu, result.engine), test)))

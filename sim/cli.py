@@ -221,8 +221,9 @@ def validate(
         if out.exists() and not out.is_dir():
             raise PalsError(f"--out {out}: exists and is not a folder")
         rows = read_table(table)
-        validated = predict_table(rows, str(table), "analytic" if analytic else "simulate")
-        summary = write_validation(validated, out, f"Validation of {table.name}")
+        method = "analytic" if analytic else "simulate"
+        validated = predict_table(rows, str(table), method)
+        summary = write_validation(validated, out, f"Validation of {table.name}", method)
     except (PalsError, ValueError) as exc:
         _fail(exc)
     print_table(f"{table.name}: predicted vs measured, MAPE (%)", *summary_table(summary), whole_names=True)
@@ -248,6 +249,12 @@ def calibrate(
     try:
         others = _gpu_names(applies_to, "--applies-to")
         rows = _read_tables(tables)
+        point = ["gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w", "max_num_seqs",
+                 "workload", "prompt_tokens_mean", "output_tokens_mean"]
+        repeats = int(rows.duplicated(subset=point).sum())
+        if repeats:
+            err_console.print(f"warning: {repeats} row(s) repeat another row's operating point: the fit and its "
+                              "standard errors count each as a separate measurement", highlight=False)
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
         for name in gpus:
             result = fit(rows, name, same_die=tuple(others))
@@ -383,6 +390,12 @@ _register_subcommands()
 
 def main() -> None:
     """Entry point: PalsError → one message and exit code 2."""
+    from sim.catalog.calibration import calibration_problem
+
+    problem = calibration_problem()  # a bad PALS_CALIBRATION_DIR or calibration file: refuse before any command
+    if problem:
+        err_console.print(f"[bold red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     try:
         app()
     except PalsError as exc:  # pragma: no cover - commands handle their own

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sim.catalog.calibration import calibration_file
 from sim.itl import ItlPieces, percentiles
 from sim.plant import RECORD_COLUMNS, TIMESERIES_COLUMNS, RunResult
 
@@ -181,5 +182,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         "system_energy_j": tot_system_j, "system_tokens_per_j": tot_tokens / tot_system_j if tot_system_j > 0 else 0.0,
         "sim_events": result.sim_events, "wall_s": result.wall_s,
     }
+    gpus = sorted({d.gpu for d in result.scenario.deployments})
     return {"scenario": result.scenario.name, "seed": result.scenario.seed, "policy": result.scenario.control.policy,
+            "calibration_files": {g: calibration_file(g) for g in gpus},  # which fit each GPU's physics came from
             "totals": totals, "deployments": deployments}

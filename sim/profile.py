@@ -105,6 +105,9 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
     for col, default in _OPTIONAL.items():
         if col not in df.columns:
             df[col] = default
+        elif not math.isnan(default):  # an empty cell of an optional column takes its default, as a missing column
+            empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+            df[col] = df[col].where(~empty, default)
     for col in COLUMNS:
         if _dtype(col) == "object":
             bad = df[col].isna() | (df[col].astype(str).str.strip() == "")
@@ -377,3 +380,11 @@ def check_catalog(table: pd.DataFrame, where: str) -> None:
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise ProfileError(f"{where}, line {i + 2}, field {col!r}: {table[col].iloc[i]!r} is not in the catalog "
                                f"(expected one of {', '.join(sorted(known))})")
+    lo = table["gpu"].map(lambda g: GPUS[g].power_limit_min_w)
+    hi = table["gpu"].map(lambda g: GPUS[g].power_limit_max_w)
+    bad = (table["power_cap_w"] < lo - 1e-6) | (table["power_cap_w"] > hi + 1e-6)
+    if bool(bad.any()):
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        g = table["gpu"].iloc[i]
+        raise ProfileError(f"{where}, line {i + 2}, field 'power_cap_w': {table['power_cap_w'].iloc[i]:g} W is outside "
+                           f"{g}'s power-limit range {GPUS[g].power_limit_min_w:g}-{GPUS[g].power_limit_max_w:g} W")

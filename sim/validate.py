@@ -50,11 +50,12 @@ def mape_summary(validated: pd.DataFrame) -> dict[str, Any]:
     over the rows that measured them)."""
 
     def block(df: pd.DataFrame) -> dict[str, Any]:
-        res: dict[str, Any] = {"rows": len(df)}
+        res: dict[str, Any] = {"rows": len(df), "rows_measured": {}}  # rows with each metric measured
         for m in METRICS:
             err = df[f"error_{m}_pct"].abs().dropna()
             if len(err):
                 res[m] = round(float(err.mean()), 2)
+                res["rows_measured"][m] = len(err)
         return res
 
     summary: dict[str, Any] = {"overall": block(validated)}
@@ -128,10 +129,12 @@ def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str
             + batch_fig.to_html(full_html=False, include_plotlyjs=False) + "</body></html>")
 
 
-def write_validation(validated: pd.DataFrame, out_dir: str | Path, title: str) -> dict[str, Any]:
-    """Write validation.csv, validation.json and validation.html; return the MAPE summary."""
+def write_validation(validated: pd.DataFrame, out_dir: str | Path, title: str,
+                     method: str = "simulate") -> dict[str, Any]:
+    """Write validation.csv, validation.json and validation.html; return the MAPE summary (``method``: how the
+    predictions were made, ``simulate`` or ``analytic``, recorded in the JSON)."""
     out = Path(out_dir)
-    summary = mape_summary(validated)
+    summary = {"method": method, **mape_summary(validated)}
     write_text_atomic(out / "validation.csv", validated.to_csv(index=False, float_format="%.6g"))
     write_json_atomic(out / "validation.json", summary)
     write_text_atomic(out / "validation.html", validation_page(validated, summary, title))

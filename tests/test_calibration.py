@@ -14,12 +14,13 @@ import subprocess
 import sys
 from dataclasses import replace
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from sim.calibrate import PARAMS, FitResult, fit, held_out_errors, with_params
+from sim.calibrate import PARAMS, CalibrationError, FitResult, fit, held_out_errors, mape, predict_rows, with_params
 from sim.catalog.calibration import CALIBRATION_DIR, engine_params, gpu_params
 from sim.catalog.gpus import GPUS, datasheet_gpu
 from sim.errors import PalsError
@@ -27,6 +28,7 @@ from sim.operating_point import RowPrediction, analytic_row, measured_as_row, ro
 from sim.physics import EngineOverheads
 from sim.profile import (
     ProfileError,
+    check_catalog,
     histogram_cv,
     import_argonne,
     import_mlenergy,
@@ -37,6 +39,8 @@ from sim.profile import (
 )
 from sim.validate import predict_table
 from tests.conftest import shared_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @cache
@@ -501,6 +505,20 @@ def test_leave_one_model_out(model):
     assert figures["throughput_tokens_per_s"] <= 10.0 and figures["power_w_per_gpu"] <= 6.0
 
 
+def test_mixtral_held_out_does_not_hinge_on_the_csv_rounding(tmp_path):
+    # The same table read back from its CSV (six significant digits) once led the Mixtral-held-out fit into a
+    # minimum 4 % costlier (10.2 % held-out error against 9.3 %); the fused-MoE tile restarts find the same one.
+    path = tmp_path / "pals.csv"
+    write_table(pals(), path)
+    rows = read_table(path)
+    result = fit(rows[rows["model"] != "mixtral-8x7b"], "a100-sxm4-80gb")
+    held = rows[rows["model"] == "mixtral-8x7b"]
+    figures = mape(predict_rows(held, result.gpu, result.engine), held)
+    assert figures["throughput_tokens_per_s"] <= 10.0 and figures["power_w_per_gpu"] <= 6.0
+    assert figures["throughput_tokens_per_s"] == pytest.approx(
+        leave_one_model_out()["mixtral-8x7b"]["throughput_tokens_per_s"], abs=0.2)
+
+
 def test_mlenergy_leave_one_model_out():
     worst: dict[str, float] = {}
     for fold in held_out_errors(mlenergy_h100(), "h100-sxm", "model"):
@@ -580,3 +598,51 @@ def test_a_row_the_model_cannot_take_is_named_by_file_and_line():
     with pytest.raises(PalsError, match=r"t.csv, line 2: llama-3.1-8b on 3xh100-sxm \(tensor_parallel 3\): .*"
                                         r"not divisible by tensor=3"):
         predict_table(table, "t.csv")
+
+
+def test_a_tiny_or_dense_table_is_refused_or_holds_what_it_cannot_place():
+    one = normalise(_row(), "t.csv")
+    with pytest.raises(CalibrationError, match=r"1 row\(s\) of h100-sxm give 3 measurements, fewer than the"):
+        fit(one, "h100-sxm")
+    # Twenty dense single-GPU rows at the default limit: the voltage curve, host-wait share, fused-MoE kernels
+    # and collective latency cannot be placed, and say so.
+    rows = pd.concat([_row(max_num_seqs=b, throughput_tokens_per_s=100.0 * b ** 0.8, power_w_per_gpu=300 + 2 * b,
+                           itl_median_s=0.008 + 1e-4 * b, itl_p99_s=0.05, running_seqs_mean=b)
+                      for b in range(1, 21)], ignore_index=True)
+    result = fit(normalise(rows, "t.csv"), "h100-sxm", max_evals=30)
+    assert set(result.held) == {"voltage_floor", "voltage_knee", "host_power_share", "moe_tile_tokens",
+                                "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
+                                "expert_compute_fraction", "collective_latency_s"}
+
+
+def test_optional_cells_left_empty_take_their_defaults_and_caps_must_fit_the_gpu(tmp_path):
+    path = tmp_path / "t.csv"
+    _row(output_tokens_cv="", power_idle_tail_s="").to_csv(path, index=False)
+    back = read_table(path)
+    assert back["output_tokens_cv"].iloc[0] == 0.0 and back["power_idle_tail_s"].iloc[0] == 0.0
+    with pytest.raises(ProfileError, match=r"t.csv, line 2, field 'power_cap_w': 100 W is outside h100-sxm's "
+                                           r"power-limit range 200-700 W"):
+        check_catalog(normalise(_row(power_cap_w=100), "t.csv"), "t.csv")
+
+
+def test_an_own_calibration_folder_overrides_gpu_by_gpu(tmp_path):
+    # A fit of the H200 only, in a folder of one's own: the H200 uses it, every other GPU keeps the committed
+    # fit, and summary.json names the file each GPU used.
+    doc = json.loads((CALIBRATION_DIR / "h100-sxm.json").read_text())
+    doc.update(gpu="h200", applies_to=["h200"])
+    doc["gpu_params"]["compute_efficiency"] = 0.3
+    mine = tmp_path / "cal"
+    mine.mkdir()
+    (mine / "h200.json").write_text(json.dumps(doc))
+    probe = ("from sim.catalog.calibration import calibration_file, gpu_params; import json; "
+             "print(json.dumps([calibration_file('h200'), calibration_file('h100-sxm'), "
+             "gpu_params('h200')['compute_efficiency']]))")
+    env = {**os.environ, "PALS_CALIBRATION_DIR": str(mine)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO)
+    h200, h100, eff = json.loads(out.stdout)
+    assert h200 == str(mine / "h200.json") and h100 == str(CALIBRATION_DIR / "h100-sxm.json") and eff == 0.3
+    env["PALS_CALIBRATION_DIR"] = str(tmp_path / "nowhere")
+    out = subprocess.run([sys.executable, "-m", "sim.cli", "run", "scenarios/quickstart.yaml", "--set",
+                          "duration_s=2", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env,
+                         cwd=REPO)
+    assert out.returncode == 2 and "PALS_CALIBRATION_DIR" in out.stderr and "no such folder" in out.stderr

@@ -210,29 +210,30 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
         return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z_free - z0[free])])
 
+    names = [p.name for p in PARAMS]
+
+    def solve(z_start: np.ndarray, name: str | None = None, value: float = 0.0) -> Any:
+        """Least squares from ``z_start`` (with parameter ``name`` set to ``value`` first, when given)."""
+        z = z_start.copy()
+        if name is not None:
+            i = names.index(name)
+            z[i] = (value - lo[i]) / span[i]
+        return least_squares(residuals, np.clip(z, 0.0, 1.0)[free], bounds=(0.0, 1.0), method="trf",
+                             max_nfev=max_evals, diff_step=1e-4)
+
     # The residuals have separate minima along the host-wait power (the fit trades it against the clocked base
     # power): start it at a few levels and keep the fit with the lowest cost (on these rows alone).
-    host = [p.name for p in PARAMS].index("host_power_share")
-    sol = None
-    for share in HOST_POWER_STARTS if free[host] else (None,):
-        z_start = z0.copy()
-        if share is not None:
-            z_start[host] = (share - lo[host]) / span[host]
-        candidate = least_squares(residuals, np.clip(z_start, 0.0, 1.0)[free], bounds=(0.0, 1.0), method="trf",
-                                  max_nfev=max_evals, diff_step=1e-4)
-        if sol is None or candidate.cost < sol.cost:
-            sol = candidate
+    if free[names.index("host_power_share")]:
+        sol = min((solve(z0, "host_power_share", share) for share in HOST_POWER_STARTS), key=lambda c: c.cost)
+    else:
+        sol = solve(z0)
     # The fused-MoE tile (whole tiles per touched expert) makes the residuals step-wise along it, with minima at
     # a token or two and at a few dozen: from the best fit so far, try it again at each end of that range. A
     # restart replaces the fit only when it finds a distinctly better minimum; one that merely polishes the same
     # minimum would move the loosely placed parameters along their flat directions for nothing.
-    tile = [p.name for p in PARAMS].index("moe_tile_tokens")
-    if free[tile]:
+    if free[names.index("moe_tile_tokens")]:
         for tokens in TILE_RESTARTS:
-            z_start = full(sol.x)
-            z_start[tile] = (tokens - lo[tile]) / span[tile]
-            candidate = least_squares(residuals, np.clip(z_start, 0.0, 1.0)[free], bounds=(0.0, 1.0),
-                                      method="trf", max_nfev=max_evals, diff_step=1e-4)
+            candidate = solve(full(sol.x), "moe_tile_tokens", tokens)
             if candidate.cost < sol.cost * (1.0 - RESTART_GAIN):
                 sol = candidate
     gpu, engine = _unpack(lo + full(sol.x) * span, base)

@@ -145,12 +145,14 @@ def _whole(text: str, option: str) -> list[int]:
 
 def _gpu_names(text: str, option: str) -> list[str]:
     """Comma-separated catalog GPU names."""
-    from sim.catalog import GPUS
+    from sim.catalog.gpus import UnknownGpuError, get_gpu
 
     names = [g.strip() for g in text.split(",") if g.strip()]
-    unknown = [g for g in names if g not in GPUS]
-    if unknown:
-        raise PalsError(f"{option} {unknown[0]!r}: not a catalog GPU; expected one of {', '.join(GPUS)}")
+    for name in names:
+        try:
+            get_gpu(name)
+        except UnknownGpuError as exc:
+            raise PalsError(f"{option}: {exc}") from None
     return names
 
 

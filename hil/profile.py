@@ -66,7 +66,8 @@ class ProfileSpec:
         dep = sc.deployments[0]
         if not isinstance(dep.model, str):
             raise HilProfileError(f"{scenario_path}: deployments.0.model: profiling needs a catalog model name")
-        prompt, output, _ = token_means(sc, 0)  # the load generator sends every request at the means
+        tokens = token_means(sc, 0)  # the load generator sends every request at the means
+        prompt, output = tokens.prompt_tokens_mean, tokens.output_tokens_mean
         par = dep.parallelism
         return cls(dep.model, dep.gpu, par.tensor, par.tensor * par.data if par.expert else 1,
                    max(1, round(prompt)), max(1, round(output)), window_s, warmup_s, sc.seed)

@@ -163,19 +163,33 @@ def profile_import(
     out: Annotated[Path, typer.Option("--out", "-o", help="Profile table CSV to write.")],
     prompt_tokens_mean: Annotated[float | None, typer.Option(
         help="ML.ENERGY only: mean prompt tokens (the files do not carry it).")] = None,
+    prompt_tokens_cv: Annotated[float | None, typer.Option(
+        help="ML.ENERGY only: coefficient of variation of the prompt lengths (std / mean).")] = None,
 ) -> None:
     """Turn a public dataset into the profile table."""
-    from sim.profile import IMPORTERS, import_mlenergy, write_table
+    from sim.profile import (
+        IMPORTERS,
+        MAX_TOKENS_CV,
+        MLENERGY_PROMPT_TOKENS_CV,
+        MLENERGY_PROMPT_TOKENS_MEAN,
+        import_mlenergy,
+        write_table,
+    )
 
     try:
         if kind not in IMPORTERS:
             raise PalsError(f"unknown dataset {kind!r}: expected one of {', '.join(IMPORTERS)}")
-        if prompt_tokens_mean is not None and kind != "mlenergy":
-            raise PalsError(f"--prompt-tokens-mean: only for mlenergy (the {kind} data gives its prompt lengths)")
+        for option, value in (("--prompt-tokens-mean", prompt_tokens_mean), ("--prompt-tokens-cv", prompt_tokens_cv)):
+            if value is not None and kind != "mlenergy":
+                raise PalsError(f"{option}: only for mlenergy (the {kind} data gives its prompt lengths)")
         if prompt_tokens_mean is not None and not 0 < prompt_tokens_mean < math.inf:
             raise PalsError(f"--prompt-tokens-mean {prompt_tokens_mean:g}: expected a positive number of tokens")
-        if kind == "mlenergy" and prompt_tokens_mean is not None:
-            table = import_mlenergy(path, prompt_tokens_mean)
+        if prompt_tokens_cv is not None and not 0 <= prompt_tokens_cv <= MAX_TOKENS_CV:
+            raise PalsError(f"--prompt-tokens-cv {prompt_tokens_cv:g}: expected a number from 0 to {MAX_TOKENS_CV:g}")
+        if kind == "mlenergy":
+            mean = MLENERGY_PROMPT_TOKENS_MEAN if prompt_tokens_mean is None else prompt_tokens_mean
+            cv = MLENERGY_PROMPT_TOKENS_CV if prompt_tokens_cv is None else prompt_tokens_cv
+            table = import_mlenergy(path, mean, cv)
         else:
             table = IMPORTERS[kind](path)
         write_table(table, out)

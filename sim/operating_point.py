@@ -93,7 +93,8 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
     budget = max_num_batched_tokens(row)
     kv = kv_capacity_tokens(phys, 0.9, budget)
     model = PhysicsModel(phys, replicas, row.prompt_tokens_mean, row.output_tokens_mean, budget, static_batches=static,
-                         kv_capacity_tokens=kv, output_tokens_cv=getattr(row, "output_tokens_cv", 0.0))
+                         kv_capacity_tokens=kv, output_tokens_cv=getattr(row, "output_tokens_cv", 0.0),
+                         prompt_tokens_cv=getattr(row, "prompt_tokens_cv", 0.0))
     cap, b = row.power_cap_w, int(row.max_num_seqs)
     pred = model.predict(cap, b)
     return measured_as_row(row, phys.gpu, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
@@ -134,7 +135,13 @@ def row_scenario(row: Any, seed: int = 0) -> Scenario:
             spread = 1.0 + cv * cv
             lengths = {"dist": "lognormal", "median": row.output_tokens_mean / math.sqrt(spread),
                        "sigma": math.sqrt(math.log(spread))}
-        workload = {"kind": "closed-loop", "clients": b * replicas, "prompt_tokens": prompt, "output_tokens": lengths}
+        prompts: int | dict[str, Any] = prompt
+        prompt_cv = float(getattr(row, "prompt_tokens_cv", 0.0))
+        if prompt_cv > 0.0:  # log-normal with the row's mean and coefficient of variation
+            spread = 1.0 + prompt_cv * prompt_cv
+            prompts = {"dist": "lognormal", "median": row.prompt_tokens_mean / math.sqrt(spread),
+                       "sigma": math.sqrt(math.log(spread))}
+        workload = {"kind": "closed-loop", "clients": b * replicas, "prompt_tokens": prompts, "output_tokens": lengths}
         itl = analytic_row(row, row_physics(row)).itl_median_s
         duration = max(30.0, SATURATE_OUTPUT_LENGTHS * output * itl)
     data = {

@@ -96,7 +96,8 @@ class DeploymentRuntime:
                                   cfg.engine.max_num_batched_tokens,
                                   static_batches=isinstance(cfg.workload, StaticBatchesWorkload),
                                   kv_capacity_tokens=self.kv_capacity_tokens,
-                                  output_tokens_cv=tokens.output_tokens_cv)
+                                  output_tokens_cv=tokens.output_tokens_cv,
+                                  prompt_tokens_cv=tokens.prompt_tokens_cv)
         self.target_tokens_per_s = resolve_target(cfg, self.perf_model, self.gpu_spec.power_limit_max_w)
         c = scenario.control
         self.offline_model: PerformanceModel = self.perf_model

@@ -4,7 +4,7 @@ Columns (units in the names; ``itl_median_s``, ``itl_p99_s`` and ``running_seqs_
 
 ``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
 prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s,
-itl_p99_s, power_idle_tail_s, running_seqs_mean``
+itl_p99_s, power_idle_tail_s, running_seqs_mean, prompt_tokens_cv``
 
 ``itl_median_s`` and ``itl_p99_s`` are the median and 99th percentile of the inter-token latency over every
 token (``sim.itl``); ``pals calibrate`` fits the median, ``pals validate`` reports both.
@@ -16,6 +16,10 @@ compares it on ``saturate`` rows; the fit does not use it.
 ``output_tokens_cv`` (optional, 0 when absent) is the coefficient of variation (std / mean) of the output
 lengths. Under continuous batching it sets how much context the running sequences carry: a long request stays
 in the batch longer, so the time-averaged decode context is ``P + O·(1 + cv²)/2``, not ``P + O/2``.
+
+``prompt_tokens_cv`` (optional, 0 when absent) is the same for the prompt lengths (``saturate`` rows: the
+predictors draw them log-normal). Under chunked prefill it shapes the inter-token latency: most mixed steps carry
+a short prompt, a few a long one, so the median sits near a decode-only step and the 99th percentile far above it.
 
 ``power_idle_tail_s`` (optional, 0 when absent; ``static-batches`` rows only) says how the power was measured:
 the mean covers one batch and then this many seconds of the GPUs idle after it. Argonne's benchmark samples
@@ -48,12 +52,12 @@ from sim.io import write_text_atomic
 COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
            "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "output_tokens_cv",
            "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "power_idle_tail_s",
-           "running_seqs_mean")
+           "running_seqs_mean", "prompt_tokens_cv")
 WORKLOADS = ("static-batches", "saturate")
 _INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
 # columns a table may leave out, and their values then
 _OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "itl_p99_s": math.nan, "power_idle_tail_s": 0.0,
-             "running_seqs_mean": math.nan}
+             "running_seqs_mean": math.nan, "prompt_tokens_cv": 0.0}
 _NULLABLE = ("itl_median_s", "itl_p99_s", "running_seqs_mean")  # measured only by some benchmarks: may be empty
 _POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
 
@@ -78,10 +82,17 @@ PALS_OUTPUT_TOKENS = 5.0  # max_tokens=5, greedy
 # ML.ENERGY v3's files give output lengths but not prompt lengths; LMArena chat prompts are short user turns
 # plus the chat template. This is an assumption; override with --prompt-tokens-mean.
 MLENERGY_PROMPT_TOKENS_MEAN = 300.0
+# How much those prompt lengths vary, read from the files' inter-token latency tails: the 99th percentile is 1.5
+# to 8 times the median (Llama-3.1-70B at 384 sequences: 436 ms against 55 ms, a step carrying a prefill of
+# thousands of tokens), while the median stays within a few per cent of a decode-only step. Prompts all of one
+# length cannot give both (the predicted ratio stays at 1.0-2.2); log-normal lengths with a coefficient of
+# variation of 2 (first turns of a few dozen tokens, multi-turn contexts of thousands) give both, with the mean
+# above. Override with --prompt-tokens-cv.
+MLENERGY_PROMPT_TOKENS_CV = 2.0
 # Argonne's benchmark_power.py: the power probe (NVML, every 0.25 s) runs from just before one generate call
 # until one second after it returns (``time.sleep(1)`` before ``stop``).
 ARGONNE_POWER_IDLE_TAIL_S = 1.0
-MAX_OUTPUT_TOKENS_CV = 10.0  # beyond this the lengths are one long request among many one-token ones
+MAX_TOKENS_CV = 10.0  # beyond this the lengths are one long request among many one-token ones
 
 
 class ProfileError(PalsError):
@@ -132,8 +143,9 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
                 _raise_first(values < 0, df, where, col, "a non-negative number")
             df[col] = values.astype("float64")
     _raise_first(~df["workload"].isin(WORKLOADS), df, where, "workload", f"one of {', '.join(WORKLOADS)}")
-    _raise_first(df["output_tokens_cv"] > MAX_OUTPUT_TOKENS_CV, df, where, "output_tokens_cv",
-                 f"at most {MAX_OUTPUT_TOKENS_CV:g} (std / mean of the output lengths)")
+    for col, what in (("output_tokens_cv", "output"), ("prompt_tokens_cv", "prompt")):
+        _raise_first(df[col] > MAX_TOKENS_CV, df, where, col,
+                     f"at most {MAX_TOKENS_CV:g} (std / mean of the {what} lengths)")
     _raise_first(df["num_gpus"] % df["tensor_parallel"] != 0, df, where, "num_gpus",
                  "a multiple of tensor_parallel (whole replicas)")
     ep = df["expert_parallel"]
@@ -192,7 +204,8 @@ def import_pals_a100(path: str | Path) -> pd.DataFrame:
     return normalise(table, str(p))
 
 
-def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMPT_TOKENS_MEAN) -> pd.DataFrame:
+def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMPT_TOKENS_MEAN,
+                    prompt_tokens_cv: float = MLENERGY_PROMPT_TOKENS_CV) -> pd.DataFrame:
     """ML.ENERGY v3 model files (a folder of them, or one): continuous batching at several ``max_num_seqs``.
 
     Only GPUs and models the catalog knows are kept. ``avg_power_watts`` is the run's total over its GPUs.
@@ -230,7 +243,8 @@ def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMP
                     "itl_median_s": float(c["median_itl_ms"]) / 1000.0,
                     "itl_p99_s": float(c["p99_itl_ms"]) / 1000.0,
                     "running_seqs_mean": float(c.get("avg_batch_size") or math.nan),  # measured where given
-                    "power_idle_tail_s": 0.0})  # power over the steady-state window only
+                    "power_idle_tail_s": 0.0,  # power over the steady-state window only
+                    "prompt_tokens_cv": prompt_tokens_cv})
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ProfileError(f"{f}: not an ML.ENERGY v3 model file ({where}: {exc!r})") from None
     return normalise(pd.DataFrame(rows, columns=list(COLUMNS)), str(p))
@@ -322,7 +336,7 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
         raise ProfileError(f"deployments.{deployment_index}.model: profiling needs a catalog model name (a profile "
                            f"row names its model, and validate / calibrate build it from the catalog), got "
                            f"{dep.model if isinstance(dep.model, str) else 'an inline config'!r}")
-    prompt, output, output_cv = token_means(scenario, deployment_index)
+    tokens = token_means(scenario, deployment_index)
     gpu = GPUS[dep.gpu]
     bad = [c for c in caps_w if not gpu.power_limit_min_w <= c <= gpu.power_limit_max_w]
     if bad:
@@ -337,8 +351,9 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
                              "tensor_parallel": par.tensor,
                              "expert_parallel": par.tensor * par.data if par.expert else 1,
                              "power_cap_w": float(cap), "max_num_seqs": int(b), "workload": kind,
-                             "prompt_tokens_mean": prompt, "output_tokens_mean": output,
-                             "output_tokens_cv": output_cv})
+                             "prompt_tokens_mean": tokens.prompt_tokens_mean,
+                             "output_tokens_mean": tokens.output_tokens_mean,
+                             "output_tokens_cv": tokens.output_tokens_cv, "prompt_tokens_cv": tokens.prompt_tokens_cv})
             p = simulate_row(row)
             rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
                          "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s,

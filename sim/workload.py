@@ -372,15 +372,16 @@ class RequestSource:
 
 class TokenStats(NamedTuple):
     """What an offline model plans for: the mean prompt and output lengths of a workload, and how much the
-    output lengths vary (coefficient of variation, std / mean)."""
+    output and prompt lengths vary (coefficients of variation, std / mean)."""
 
     prompt_tokens_mean: float
     output_tokens_mean: float
     output_tokens_cv: float
+    prompt_tokens_cv: float = 0.0
 
 
 def token_means(scenario: Scenario, deployment_index: int) -> TokenStats:
-    """Mean prompt and output tokens of a deployment's workload, and the output lengths' variation.
+    """Mean prompt and output tokens of a deployment's workload, and the output and prompt lengths' variation.
 
     Traces: the file's. Generated workloads: those of 8,192 draws from a stream of its own, so the workload's
     own random streams are untouched.
@@ -395,4 +396,5 @@ def token_means(scenario: Scenario, deployment_index: int) -> TokenStats:
         rng = np.random.default_rng(np.random.SeedSequence([scenario.seed, deployment_index, 0x70C3]))
         prompts = sample_tokens(w.prompt_tokens, 8192, rng).astype(float)
         outputs = sample_tokens(w.output_tokens, 8192, rng).astype(float)
-    return TokenStats(float(prompts.mean()), float(outputs.mean()), float(outputs.std() / outputs.mean()))
+    return TokenStats(float(prompts.mean()), float(outputs.mean()), float(outputs.std() / outputs.mean()),
+                      float(prompts.std() / prompts.mean()))

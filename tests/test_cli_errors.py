@@ -368,6 +368,10 @@ def test_profile_and_calibrate_options(tmp_path: Path) -> None:
                        "--batches", "whole numbers")
     assert_clean_error(pals("profile", "import", "pals-a100", table, "--out", tmp_path / "p.csv",
                             "--prompt-tokens-mean", "300"), "--prompt-tokens-mean", "only for mlenergy")
+    assert_clean_error(pals("profile", "import", "argonne", table, "--out", tmp_path / "p.csv",
+                            "--prompt-tokens-cv", "2"), "--prompt-tokens-cv", "only for mlenergy")
+    assert_clean_error(pals("profile", "import", "mlenergy", tmp_path, "--out", tmp_path / "p.csv",
+                            "--prompt-tokens-cv", "20"), "--prompt-tokens-cv 20", "from 0 to 10")
     assert_clean_error(pals("calibrate", table, "--applies-to", "foo"), "--applies-to", "'foo'", "h100-sxm")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -377,6 +378,63 @@ def test_served_steps_carry_as_many_prefills_as_independent_finishes_give():
     # Throughput: b·O tokens over O iterations, whose mean duration weighs each count by its probability.
     mean_s = sum(w * step_s(90, round(k)) for k, w in prefill_count_classes(90, 100))
     assert model.predict(700.0, 90).tokens_per_s == pytest.approx(90 / mean_s, rel=1e-3)
+
+
+@pytest.mark.parametrize("cv", [0.0, 0.5, 2.0, 6.0])
+def test_prompt_length_classes_keep_the_laws_mean_and_straddle_its_median(cv):
+    from sim.control.models import PROMPT_LENGTH_CLASSES, prompt_length_classes
+
+    classes = prompt_length_classes(300.0, cv)
+    lengths, probs = [c[0] for c in classes], [c[1] for c in classes]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-12)
+    assert sum(length * p for length, p in classes) == pytest.approx(300.0, rel=1e-9)  # the mean prefill work
+    if cv == 0.0:
+        assert classes == [(300.0, 1.0)]
+        return
+    assert len(classes) == PROMPT_LENGTH_CLASSES and lengths == sorted(lengths) and lengths[0] > 0
+    # A log-normal of mean m and cv c has its median at m / sqrt(1 + c^2): between the two middle classes.
+    half = PROMPT_LENGTH_CLASSES // 2
+    assert lengths[half - 1] < 300.0 / math.sqrt(1.0 + cv * cv) < lengths[half]
+
+
+def test_varying_prompts_keep_the_mean_step_and_lengthen_the_latency_tail():
+    from sim.control.models import PhysicsModel
+
+    phys = ReplicaPhysics(load_model("llama-3.1-70b"), GPUS["h100-sxm"], Parallelism(tensor=4),
+                          cuda_graph_max_tokens=512)
+    fixed = PhysicsModel(phys, 1, 300, 350, 8192)
+    spread = PhysicsModel(phys, 1, 300, 350, 8192, prompt_tokens_cv=2.0)
+    # 256 sequences, 350-token outputs: 0.73 finishes per step, so about half the steps carry a prefill. With
+    # every prompt 300 tokens long the median step is a mixed one; with most prompts short it is nearly a decode.
+    decode_only = fixed.step_quantile_s(700.0, 256, 0.1)
+    assert fixed.median_step_s(700.0, 256) > 1.2 * decode_only
+    assert spread.median_step_s(700.0, 256) < fixed.median_step_s(700.0, 256)
+    # The long prompts make the tail: the 99th-percentile step carries thousands of prompt tokens.
+    assert spread.step_quantile_s(700.0, 256, 0.99) > 2.0 * fixed.step_quantile_s(700.0, 256, 0.99)
+    # The same prompt tokens in all: the mean step, hence the throughput, moves little (attention over the
+    # prompt grows with its square, so long prompts cost a little more than short ones save).
+    ratio = spread.predict(700.0, 256).tokens_per_s / fixed.predict(700.0, 256).tokens_per_s
+    assert 0.95 < ratio <= 1.0 + 1e-9
+
+
+def test_a_prefill_beyond_the_step_budget_is_chunked_over_steps():
+    from sim.control.models import PhysicsModel
+
+    phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism(), cuda_graph_max_tokens=512)
+    # A 2,048-token budget beside 8 decodes: the long prompts (the top classes, thousands of tokens) take several
+    # steps, none larger than the budget, and only the last yields the new sequence's first token.
+    model = PhysicsModel(phys, 1, 2000, 100, 2048, prompt_tokens_cv=2.0)
+    model.predict(700.0, 8)
+    roomy = PhysicsModel(phys, 1, 2000, 100, 1 << 20, prompt_tokens_cv=2.0)
+    roomy.predict(700.0, 8)
+    budget_step = phys.step_work(2048, 8, 8, 0.0, 0.0)
+    longest = max(t for t, _ in model._steps[(700.0, 8)])
+    assert longest <= phys.step_time_s(budget_step, 1.0) * 1.5  # a budget's worth of prompt, and its attention
+    assert max(t for t, _ in roomy._steps[(700.0, 8)]) > 2 * longest
+    # The decodes beside it yield a token at every chunk, instead of one over the whole prompt: chunked prefill's
+    # point. The same prompt work, so the gain is a few per cent.
+    gain = model.predict(700.0, 8).tokens_per_s / roomy.predict(700.0, 8).tokens_per_s
+    assert 1.0 < gain < 1.1
 
 
 def test_a_static_batch_whose_cache_overflows_runs_at_the_concurrency_the_cache_holds():

@@ -6,6 +6,9 @@ lengths) every sequence is replaced once, so ``b`` prompts are prefilled in mixe
 A running sequence carries ``P + O·(1 + cv²)/2`` tokens of context on average (``cv``: the coefficient of
 variation of the output lengths): a request ``L`` tokens long stays ``L`` iterations, so long ones are
 over-represented in the batch (length-biased sampling; ``P + O/2`` when every output is as long).
+Prompt lengths may vary too (``prompt_tokens_cv``): a mixed step's prefill is then drawn from a log-normal law of
+mean ``P`` (``prompt_length_classes``), so most mixed steps carry a short prompt and a few a long one, which sets
+the median and the tail of the inter-token latency (the mean prefill work is the same).
 Static batches (the PALS profiling style) are costed batch by batch: chunked prefill of the whole batch,
 then ``O - 1`` decode iterations.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Protocol
 
 from sim.physics import ReplicaPhysics, StepWork
@@ -61,7 +65,8 @@ class PhysicsModel(_MemoModel):
 
     def __init__(self, phys: ReplicaPhysics, replicas: int, prompt_tokens_mean: float, output_tokens_mean: float,
                  max_num_batched_tokens: int, static_batches: bool = False,
-                 kv_capacity_tokens: float = math.inf, output_tokens_cv: float = 0.0) -> None:
+                 kv_capacity_tokens: float = math.inf, output_tokens_cv: float = 0.0,
+                 prompt_tokens_cv: float = 0.0) -> None:
         super().__init__()
         self.phys = phys
         self.replicas = replicas
@@ -71,6 +76,7 @@ class PhysicsModel(_MemoModel):
         self.static_batches = static_batches
         self.kv_capacity_tokens = kv_capacity_tokens
         self.output_tokens_cv = output_tokens_cv
+        self.prompt_tokens_cv = prompt_tokens_cv
         self._steps: dict[tuple[float, int], list[tuple[float, float]]] = {}
 
     def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
@@ -139,16 +145,30 @@ class PhysicsModel(_MemoModel):
         # Poisson(b/O): O·(1 - e^(-b/O)) iterations carry at least one), each such step also decoding the others:
         # a step with one short prefill is not one with three.
         steps = []
+        tokens = 0.0  # output tokens of the whole cycle (O iterations' worth)
+        decoding = max(1, round(b))
         for k, share in prefill_count_classes(b, o):
             ctx = (b - k) * context
             if k == 0.0:
-                work = self.phys.step_work(max(1, round(b)), max(1, round(b)), max(1, round(b)), ctx, ctx)
-            else:
-                work = self.phys.step_work(max(1, round(b - k + k * p)), max(1, round(b)), max(1, round(b)),
-                                           ctx + k * p * (p + 1) / 2.0, ctx + k * p, num_new=max(1, round(k)))
-            steps.append((work, o * share))
+                steps.append((self.phys.step_work(decoding, decoding, decoding, ctx, ctx), o * share))
+                tokens += o * share * b
+                continue
+            # k prompts' lengths sum to a law of mean k·P and coefficient of variation cv / sqrt(k).
+            for length, weight in prompt_length_classes(k * p, self.prompt_tokens_cv / math.sqrt(k)):
+                # A prefill larger than the step budget left beside the decodes is chunked over several steps;
+                # only the last one yields the new sequences' first tokens.
+                room = max(1.0, self.budget - (b - k))
+                chunks = max(1, math.ceil(length / room))
+                per_prompt = length / k
+                chunk = length / chunks
+                work = self.phys.step_work(max(1, round(b - k + chunk)), decoding, decoding,
+                                           ctx + k * per_prompt * (per_prompt + 1) / 2.0 / chunks, ctx + chunk,
+                                           num_new=max(1, round(k)))
+                count = o * share * weight
+                steps.append((work, count * chunks))
+                tokens += count * (chunks * (b - k) + k)
         t, e = self._run(steps, cap_w, key)
-        return Prediction(self.replicas * b * o / t, e / t)
+        return Prediction(self.replicas * tokens / t, e / t)
 
     def _static(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output
@@ -245,6 +265,26 @@ class RandomForestModel(_MemoModel):
 
 COUNT_TAIL = 1e-4  # prefill counts in a tail less likely than this are lumped into the class next to it
 MAX_COUNT_CLASSES = 16  # beyond this many counts, neighbouring ones are merged (at large rates)
+
+
+PROMPT_LENGTH_CLASSES = 16  # equal-probability classes a varying prompt length is split into
+
+
+def prompt_length_classes(mean: float, cv: float) -> list[tuple[float, float]]:
+    """``(length, probability)`` classes of a log-normal prompt length of this mean and coefficient of variation.
+
+    ``PROMPT_LENGTH_CLASSES`` classes of equal probability, each at its conditional mean, so the classes' mean is
+    the law's exactly: ``mean·(Φ(b - σ) - Φ(a - σ))·Q`` for the class between standard-normal quantiles ``a``
+    and ``b`` (``σ² = ln(1 + cv²)``). One class at the mean when the lengths do not vary.
+    """
+    if cv <= 0.0:
+        return [(mean, 1.0)]
+    sigma = math.sqrt(math.log1p(cv * cv))
+    normal = NormalDist()
+    q = PROMPT_LENGTH_CLASSES
+    edges = [-math.inf] + [normal.inv_cdf(i / q) for i in range(1, q)] + [math.inf]
+    mass = [normal.cdf(z - sigma) if math.isfinite(z) else (0.0 if z < 0 else 1.0) for z in edges]
+    return [(mean * (mass[i + 1] - mass[i]) * q, 1.0 / q) for i in range(q)]
 
 
 def prefill_count_classes(running: float, mean_output: float) -> list[tuple[float, float]]:

@@ -54,12 +54,12 @@ def test_cap_below_natural_draw_lowers_throughput_and_power():
 
 def test_cap_above_natural_draw_changes_nothing():
     # A cap just above the heaviest step's natural draw (the batch's prefill) gives the same run as no cap.
-    kwargs = dict(model="llama-3.1-8b", gpu="h100-sxm", tensor=1, prompt=32, output=200)
+    kwargs = dict(model="llama-3.1-8b", gpu="h100-sxm", tensor=1, prompt=16, output=200)
     a = _static_batches(4, 700, **kwargs)
-    sc = tiny({"kind": "static-batches", "batch_size": 4, "prompt_tokens": 32, "output_tokens": 200},
+    sc = tiny({"kind": "static-batches", "batch_size": 4, "prompt_tokens": 16, "output_tokens": 200},
               model="llama-3.1-8b", gpu="h100-sxm")
     phys = build_physics(sc, sc.deployments[0])
-    peak = phys.step_power_w(phys.step_work(128, 4, 4, 4 * 32 * 33 / 2, 128, num_new=4), 1.0)
+    peak = phys.step_power_w(phys.step_work(64, 4, 4, 4 * 16 * 17 / 2, 64, num_new=4), 1.0)
     assert peak < 690
     b = _static_batches(4, peak + 5, **kwargs)
     assert a.summary["totals"]["avg_power_w"] < peak

@@ -113,18 +113,18 @@ def test_static_batches_start_when_the_previous_batch_ends():
 
 
 def test_mixed_step_with_prefill_chunks_respects_token_budget():
-    # A 300-token prompt with max_num_batched_tokens=128 is prefilled in 3 chunks (128, 128, 44); chunks this
+    # A 150-token prompt with max_num_batched_tokens=64 is prefilled in 3 chunks (64, 64, 22); chunks this
     # small stay below the default power limit, so the clock stays at its max.
-    sc = tiny({"kind": "poisson", "rate_per_s": 1.0, "requests": 1, "prompt_tokens": 300, "output_tokens": 2},
-              engine={"max_num_batched_tokens": 128, "max_num_seqs": 8})
+    sc = tiny({"kind": "poisson", "rate_per_s": 1.0, "requests": 1, "prompt_tokens": 150, "output_tokens": 2},
+              engine={"max_num_batched_tokens": 64, "max_num_seqs": 8})
     phys = build_physics(sc, sc.deployments[0])
     res = simulate(sc)
     req = res.deployments[0].completed[0]
     t = req.arrival_s
     done = 0
-    for c in (128, 128, 44):
+    for c in (64, 64, 22):
         pairs = c * done + c * (c + 1) / 2
-        last = done + c == 300
+        last = done + c == 150
         assert phys.clock_for_cap(phys.step_work(c, 1, 1, pairs, done + c), 700.0) == 1.0
         t += phys.step_time_s(phys.step_work(c, 1 if last else 0, 1, pairs, done + c, num_new=int(done == 0)), 1.0)
         done += c

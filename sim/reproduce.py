@@ -355,16 +355,17 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "the budget at the same tightness gives static an even share of ~180 W per GPU. There mixtral keeps "
               "about 66 % of its unconstrained throughput (closed form), above its 60 % target, and misses it "
               "in about one window in seventeen as the Poisson load fluctuates; deepseek and olmoe keep all of "
-              "theirs at that share. The need split moves power to mixtral and cuts its misses to 0.1 % (taking "
-              "enough from deepseek that it misses in 0.7 %), and gains 3.9 % of system tokens/J rather than the "
+              "theirs at that share. The need split moves power to mixtral and cuts its misses to 0.2 % (taking "
+              "enough from deepseek that it misses in 0.5 %), and gains 3.9 % of system tokens/J rather than the "
               "paper's 12 %: the share static gives is already near the tokens/J optimum of the data "
               "(150-250 W).",
               "- **8xH100.** No measurement in `../shared/data` varies an H100's power limit: its fit "
               "(ML.ENERGY, Argonne) sees only the default 700 W, so how its clock and HBM energy respond to caps "
               "is extrapolated (the voltage curve and the host-wait power stay at their first estimates, and the "
-              "split of its draw between clocked base power and HBM traffic is loose): batch-64 serving "
-              "(mixtral TP2, qwen3-30b-a3b, llama-3.1-8b) loses 1-13 % of its throughput at 400 W, 28-40 % at "
-              "300 W, 44-53 % at 250 W and 60-66 % at 200 W. Read the H100 gains below with that uncertainty.",
+              "split of its draw between clocked base power and HBM traffic is loose): batch-64 chat serving "
+              "(mixtral TP2, qwen3-30b-a3b, llama-3.1-8b; 300-token prompts on average, 350-token outputs, in "
+              "closed form) loses 6-11 % of its throughput at 400 W, 30-38 % at 300 W, 45-51 % at 250 W and "
+              "61-65 % at 200 W. Read the H100 gains below with that uncertainty.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "
               "budget is batch 64 at the highest cap the budget allows, which is exactly what the fixed-batch "
               "policy that tracks the budget runs; pals finds the same configuration, so it keeps no more "

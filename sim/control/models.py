@@ -144,31 +144,45 @@ class PhysicsModel(_MemoModel):
         # sequences finish independently, so an iteration carries k prefills with binomial probability (about
         # Poisson(b/O): O·(1 - e^(-b/O)) iterations carry at least one), each such step also decoding the others:
         # a step with one short prefill is not one with three.
-        steps = []
-        tokens = 0.0  # output tokens of the whole cycle (O iterations' worth)
+        steps: list[tuple[StepWork, float]] = []
+        decode_only = -1  # index of the decode-only steps in ``steps``
+        surplus = 0.0  # tokens the decodes beside extra chunk steps yield
         decoding = max(1, round(b))
         for k, share in prefill_count_classes(b, o):
             ctx = (b - k) * context
             if k == 0.0:
+                decode_only = len(steps)
                 steps.append((self.phys.step_work(decoding, decoding, decoding, ctx, ctx), o * share))
-                tokens += o * share * b
                 continue
+            new = max(1, round(k))
             # k prompts' lengths sum to a law of mean k·P and coefficient of variation cv / sqrt(k).
             for length, weight in prompt_length_classes(k * p, self.prompt_tokens_cv / math.sqrt(k)):
-                # A prefill larger than the step budget left beside the decodes is chunked over several steps;
-                # only the last one yields the new sequences' first tokens.
-                room = max(1.0, self.budget - (b - k))
-                chunks = max(1, math.ceil(length / room))
-                per_prompt = length / k
-                chunk = length / chunks
-                work = self.phys.step_work(max(1, round(b - k + chunk)), decoding, decoding,
-                                           ctx + k * per_prompt * (per_prompt + 1) / 2.0 / chunks, ctx + chunk,
-                                           num_new=max(1, round(k)))
                 count = o * share * weight
-                steps.append((work, count * chunks))
-                tokens += count * (chunks * (b - k) + k)
+                pairs = length * (length / k + 1) / 2.0  # each prompt token attends the ones before it and itself
+                chunks = max(1, math.ceil(length / max(1.0, self.budget - (b - k))))
+                if chunks == 1:
+                    steps.append((self.phys.step_work(max(1, round(b - k + length)), decoding, decoding,
+                                                      ctx + pairs, ctx + length, num_new=new), count))
+                    continue
+                # Prompts larger than the step budget left beside the decodes are chunked over several steps, as
+                # the engine does: the first chunk admits the requests, chunk i attends and reads back the i - 1
+                # before it, and only the last yields the new sequences' first tokens.
+                chunk = length / chunks
+                first_pairs = chunk * (chunk / k + 1) / 2.0
+                steps.append((self.phys.step_work(max(1, round(b - k + chunk)), max(1, round(b - k)), decoding,
+                                                  ctx + first_pairs, ctx + chunk, num_new=new), count))
+                steps.append((self.phys.step_work(max(1, round(b - k + chunk)),
+                                                  max(1, round(b - k + k / (chunks - 1))), decoding,
+                                                  ctx + (pairs - first_pairs) / (chunks - 1),
+                                                  ctx + chunk * (chunks + 2) / 2.0), count * (chunks - 1)))
+                surplus += count * (chunks - 1) * (b - k)
+        if decode_only >= 0 and surplus > 0.0:
+            # Every request still yields O tokens, b·O a cycle: the decodes beside the extra chunk steps yield some
+            # of them, so the cycle needs fewer decode-only steps.
+            work, count = steps[decode_only]
+            steps[decode_only] = (work, max(0.0, count - surplus / b))
         t, e = self._run(steps, cap_w, key)
-        return Prediction(self.replicas * tokens / t, e / t)
+        return Prediction(self.replicas * b * o / t, e / t)
 
     def _static(self, cap_w: float, b: int) -> Prediction:
         p, o = self.prompt, self.output

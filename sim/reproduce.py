@@ -364,8 +364,8 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "is extrapolated (the voltage curve and the host-wait power stay at their first estimates, and the "
               "split of its draw between clocked base power and HBM traffic is loose): batch-64 chat serving "
               "(mixtral TP2, qwen3-30b-a3b, llama-3.1-8b; 300-token prompts on average, 350-token outputs, in "
-              "closed form) loses 6-11 % of its throughput at 400 W, 30-38 % at 300 W, 45-51 % at 250 W and "
-              "61-65 % at 200 W. Read the H100 gains below with that uncertainty.",
+              "closed form) loses 6-13 % of its throughput at 400 W, 31-39 % at 300 W, 46-52 % at 250 W and "
+              "61-66 % at 200 W. Read the H100 gains below with that uncertainty.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "
               "budget is batch 64 at the highest cap the budget allows, which is exactly what the fixed-batch "
               "policy that tracks the budget runs; pals finds the same configuration, so it keeps no more "

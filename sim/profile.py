@@ -323,7 +323,8 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
     cap × batch.
 
     Each operating point is measured the way ``pals validate`` measures a row (``sim.operating_point``): the
-    deployment's model, GPU and parallelism with the scenario workload's mean prompt and output lengths.
+    deployment's model, GPU and parallelism with the scenario workload's mean prompt and output lengths and their
+    spread (coefficients of variation; the row's scenario draws log-normal lengths with them).
     """
     from sim.operating_point import simulate_row
     from sim.workload import token_means

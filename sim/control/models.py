@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from statistics import NormalDist
 from typing import Any, Protocol
 
@@ -294,11 +295,19 @@ def prompt_length_classes(mean: float, cv: float) -> list[tuple[float, float]]:
     if cv <= 0.0:
         return [(mean, 1.0)]
     sigma = math.sqrt(math.log1p(cv * cv))
-    normal = NormalDist()
     q = PROMPT_LENGTH_CLASSES
-    edges = [-math.inf] + [normal.inv_cdf(i / q) for i in range(1, q)] + [math.inf]
-    mass = [normal.cdf(z - sigma) if math.isfinite(z) else (0.0 if z < 0 else 1.0) for z in edges]
+    mass = [0.0] + [_NORMAL.cdf(z - sigma) for z in _class_edges(q)] + [1.0]
     return [(mean * (mass[i + 1] - mass[i]) * q, 1.0 / q) for i in range(q)]
+
+
+_NORMAL = NormalDist()
+
+
+@cache
+def _class_edges(q: int) -> tuple[float, ...]:
+    """The inner standard-normal quantiles ``i / q``, ``i = 1 … q - 1``, that bound ``q`` equal-probability
+    classes."""
+    return tuple(_NORMAL.inv_cdf(i / q) for i in range(1, q))
 
 
 def prefill_count_classes(running: float, mean_output: float) -> list[tuple[float, float]]:

@@ -575,15 +575,25 @@ def test_mixtral_held_out_does_not_hinge_on_the_csv_rounding(tmp_path):
 
 def test_mlenergy_leave_one_model_out():
     worst: dict[str, float] = {}
-    for fold in held_out_errors(mlenergy_h100(), "h100-sxm", "model"):
+    folds = held_out_errors(mlenergy_h100(), "h100-sxm", "model")
+    for fold in folds:
         print(f"\nML.ENERGY H100 leave-one-model-out, {fold.held_out[0]}: {fold.mape}")
         for k, v in fold.mape.items():
             worst[k] = max(worst.get(k, 0.0), v)
     print(f"worst: {worst}")
-    # Each held-out model predicted from its config alone stays within these bounds (targets: 12 / 12 / 15 %,
-    # met for most models; the worst cases are what this guards).
+    # Each held-out model predicted from its config alone: the targets (12 / 12 / 15 %) hold for every figure but
+    # the misses the README lists, and those stay within the bounds guarded here.
+    misses = {("llama-3.1-70b", "throughput_tokens_per_s"), ("llama-3.1-8b", "power_w_per_gpu"),
+              ("qwen3-235b-a22b", "throughput_tokens_per_s"),
+              ("qwen3-30b-a3b", "throughput_tokens_per_s"), ("qwen3-30b-a3b", "itl_median_s")}
+    targets = {"throughput_tokens_per_s": 12.0, "power_w_per_gpu": 12.0, "itl_median_s": 15.0}
+    for fold in folds:
+        for metric, target in targets.items():
+            if (fold.held_out[0], metric) not in misses:
+                assert fold.mape[metric] <= target, (fold.held_out[0], metric, fold.mape[metric])
     assert worst["throughput_tokens_per_s"] <= 25.0
     assert worst["power_w_per_gpu"] <= 20.0
+    assert worst["itl_median_s"] <= 35.0
 
 
 def test_argonne_a100_power_vs_batch():
@@ -658,15 +668,15 @@ def test_a_tiny_or_dense_table_is_refused_or_holds_what_it_cannot_place():
     one = normalise(_row(), "t.csv")
     with pytest.raises(CalibrationError, match=r"1 row\(s\) of h100-sxm give 3 measurements, fewer than the"):
         fit(one, "h100-sxm")
-    # Twenty dense single-GPU rows at the default limit: the voltage curve, host-wait share, fused-MoE kernels
-    # and collective latency cannot be placed, and say so.
+    # Twenty dense single-GPU rows at the default limit: the voltage curve, host-wait share and fused-MoE kernels
+    # cannot be placed, and say so (the collective latency is never fitted).
     rows = pd.concat([_row(max_num_seqs=b, throughput_tokens_per_s=100.0 * b ** 0.8, power_w_per_gpu=300 + 2 * b,
                            itl_median_s=0.008 + 1e-4 * b, itl_p99_s=0.05, running_seqs_mean=b)
                       for b in range(1, 21)], ignore_index=True)
     result = fit(normalise(rows, "t.csv"), "h100-sxm", max_evals=30)
     assert set(result.held) == {"voltage_floor", "voltage_knee", "host_power_share", "moe_tile_tokens",
                                 "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
-                                "expert_compute_fraction", "collective_latency_s"}
+                                "expert_compute_fraction"}
 
 
 def test_optional_cells_left_empty_take_their_defaults_and_caps_must_fit_the_gpu(tmp_path):

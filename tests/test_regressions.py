@@ -46,6 +46,16 @@ def test_a_closed_loop_client_goes_on_after_a_dropped_request():
     assert out.summary["totals"]["duration_s"] == pytest.approx(30.0)
 
 
+def test_an_endless_closed_loop_lasts_the_run_even_when_its_clients_think_past_the_end():
+    # One client, a think time far beyond the run: after its first request it would come back after the end.
+    # The run still lasts duration_s (once it ended at that request's completion and overstated throughput).
+    out = run_scenario(tiny({"kind": "closed-loop", "clients": 1, "think_time_s": 1e4, "prompt_tokens": 100,
+                             "output_tokens": 20}, duration_s=30, seed=1))
+    totals = out.summary["totals"]
+    assert totals["duration_s"] == pytest.approx(30.0)
+    assert totals["throughput_tokens_per_s"] == pytest.approx(out.requests["generated_tokens"].sum() / 30.0)
+
+
 def test_unfinished_requests_report_the_tokens_they_generated():
     out = run_scenario(tiny({"kind": "static-batches", "batch_size": 8, "requests": 8, "prompt_tokens": 100,
                              "output_tokens": 2000}, duration_s=5))

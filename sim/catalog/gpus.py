@@ -34,7 +34,11 @@ class GpuSpec:
     compute_efficiency: float = 0.6  # achieved / peak FLOP/s for serving GEMMs
     memory_efficiency: float = 0.8  # achieved / peak HBM bandwidth for weight and KV streaming
     link_efficiency: float = 0.7  # achieved / peak link bandwidth for NCCL collectives
-    collective_latency_s: float = 8e-6  # fixed latency of one collective (all-reduce / all-to-all)
+    # Fixed latency of one collective (all-reduce / all-to-all) of a decode step's size (up to ~1 MB) over NVLink:
+    # vLLM's custom all-reduce takes 7-10 µs on 2-8 H100s (vLLM PR #24532, SGLang PR #2904 microbenchmarks),
+    # about 7-8 µs on Blackwell (vLLM PR #37756). Not fitted: operating points cannot separate it from the per-layer
+    # kernel latency.
+    collective_latency_s: float = 8e-6
     active_base_power_w: float = 0.0  # extra power while busy at max clock, whatever the work (∝ clock)
     compute_power_w: float = 0.0  # extra power with tensor cores fully busy at max clock (∝ clock^alpha)
     memory_power_w: float = 0.0  # extra power with HBM streaming at full achieved bandwidth

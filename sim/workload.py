@@ -254,7 +254,6 @@ class RequestSource:
             self._remaining = w.requests if w.requests is not None else math.inf
             self._active_clients = w.clients
             self._drops_in_a_row = 0
-            self._cut_by_end = False
             self._at_start(lambda: [self._closed_issue(delay=0.0) for _ in range(w.clients)])
         elif isinstance(w, StaticBatchesWorkload):
             self._remaining = w.requests if w.requests is not None else math.inf
@@ -308,11 +307,10 @@ class RequestSource:
         """The client's next request, ``delay`` from now (``defer``: as an event even at no delay, so that a run
         of requests dropped on arrival does not nest calls)."""
         if self._remaining <= 0 or self.env.now + delay >= self.scenario.duration_s:
-            # A client cut off by the end of the run is not a workload served: the run lasts until duration_s
-            # (as for an open process), so only clients that ran out of requests can end it early.
-            self._cut_by_end = self._cut_by_end or self._remaining > 0
+            # Only a workload whose requests have all been issued can end the run early; a client cut off by the
+            # end of the run is not one served, and the run lasts until duration_s (as for an open process).
             self._active_clients -= 1
-            if self._active_clients == 0 and not self._cut_by_end:
+            if self._active_clients == 0 and self._remaining <= 0:
                 self._finish_source()
             return
         self._remaining -= 1

@@ -359,6 +359,13 @@ def test_catalog_reads_the_committed_calibration():
     with open(CALIBRATION_DIR / "a100-sxm4-80gb.json") as f:
         assert set(json.load(f)["engine"]) == fitted
     assert set(engine_params("a100-sxm4-80gb")) == fitted
+    # The committed files hold the fitted GPU parameters and nothing else: the collective latency, which no fit
+    # places, stays at the catalog's measured figure.
+    fitted_gpu = {p.name for p in PARAMS if p.part == "gpu"}
+    for doc in CALIBRATION_DIR.glob("*.json"):
+        assert set(json.loads(doc.read_text())["gpu_params"]) == fitted_gpu, doc.name
+    assert "collective_latency_s" not in fitted_gpu
+    assert GPUS["h100-sxm"].collective_latency_s == pytest.approx(8e-6)
 
 
 def test_fit_recovers_known_parameters_from_synthetic_data():

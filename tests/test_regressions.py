@@ -54,6 +54,13 @@ def test_an_endless_closed_loop_lasts_the_run_even_when_its_clients_think_past_t
     totals = out.summary["totals"]
     assert totals["duration_s"] == pytest.approx(30.0)
     assert totals["throughput_tokens_per_s"] == pytest.approx(out.requests["generated_tokens"].sum() / 30.0)
+    # A finite closed loop still ends the run once its requests are all served, even after one of its clients
+    # was cut off by the end: three clients, six requests, think times of ~20 s in a 60 s run.
+    out = run_scenario(tiny({"kind": "closed-loop", "clients": 3, "think_time_s": 20.0, "requests": 6,
+                             "prompt_tokens": 100, "output_tokens": 20}, duration_s=60, seed=0))
+    assert len(out.requests) == 6 and (out.requests["status"] == "completed").all()
+    assert out.summary["totals"]["duration_s"] == pytest.approx(out.requests["finish_s"].max())
+    assert out.summary["totals"]["duration_s"] < 60.0
 
 
 def test_unfinished_requests_report_the_tokens_they_generated():

@@ -37,7 +37,7 @@ class GpuSpec:
     # Fixed latency of one collective (all-reduce / all-to-all) of a decode step's size (up to ~1 MB) over NVLink:
     # vLLM's custom all-reduce takes 7-10 µs on 2-8 H100s (vLLM PR #24532, SGLang PR #2904 microbenchmarks),
     # about 7-8 µs on Blackwell (vLLM PR #37756). Not fitted: operating points cannot separate it from the per-layer
-    # kernel latency.
+    # kernel latency (a calibration file may still set it).
     collective_latency_s: float = 8e-6
     active_base_power_w: float = 0.0  # extra power while busy at max clock, whatever the work (∝ clock)
     compute_power_w: float = 0.0  # extra power with tensor cores fully busy at max clock (∝ clock^alpha)

@@ -116,6 +116,12 @@ def measured_as_row(row: Any, gpu: GpuSpec, pred: RowPrediction) -> RowPredictio
     return replace(pred, power_w_per_gpu=power_w)
 
 
+def _lognormal(mean: float, cv: float) -> dict[str, Any]:
+    """A scenario's log-normal token-length distribution with this mean and coefficient of variation."""
+    spread = 1.0 + cv * cv
+    return {"dist": "lognormal", "median": mean / math.sqrt(spread), "sigma": math.sqrt(math.log(spread))}
+
+
 def row_scenario(row: Any, seed: int = 0) -> Scenario:
     """The scenario whose run measures the row's operating point in the simulator."""
     par, replicas = parallelism(row)
@@ -132,15 +138,9 @@ def row_scenario(row: Any, seed: int = 0) -> Scenario:
         cv = float(getattr(row, "output_tokens_cv", 0.0))
         lengths: dict[str, Any] = {"dist": "uniform", "low": 1, "high": max(1, 2 * output - 1)}
         if cv > 0.0:
-            spread = 1.0 + cv * cv
-            lengths = {"dist": "lognormal", "median": row.output_tokens_mean / math.sqrt(spread),
-                       "sigma": math.sqrt(math.log(spread))}
-        prompts: int | dict[str, Any] = prompt
+            lengths = _lognormal(row.output_tokens_mean, cv)
         prompt_cv = float(getattr(row, "prompt_tokens_cv", 0.0))
-        if prompt_cv > 0.0:  # log-normal with the row's mean and coefficient of variation
-            spread = 1.0 + prompt_cv * prompt_cv
-            prompts = {"dist": "lognormal", "median": row.prompt_tokens_mean / math.sqrt(spread),
-                       "sigma": math.sqrt(math.log(spread))}
+        prompts: int | dict[str, Any] = _lognormal(row.prompt_tokens_mean, prompt_cv) if prompt_cv > 0.0 else prompt
         workload = {"kind": "closed-loop", "clients": b * replicas, "prompt_tokens": prompts, "output_tokens": lengths}
         itl = analytic_row(row, row_physics(row)).itl_median_s
         duration = max(30.0, SATURATE_OUTPUT_LENGTHS * output * itl)

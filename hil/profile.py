@@ -3,14 +3,17 @@
 At each operating point every GPU is set to the cap and ``batch`` clients keep exactly ``batch`` requests in
 flight (each sends its next request when the previous one finishes: the ``saturate`` workload of
 ``sim.profile``). After a warm-up, a measurement window counts the output tokens streamed (throughput), the
-GPUs' energy counters (mean power per GPU) and the gaps between consecutive tokens of each request (median
-inter-token latency). Rows are written with ``source = hil`` and read back by ``sim.profile.read_table``.
+GPUs' energy counters (mean power per GPU), the gaps between consecutive tokens of each request (median
+inter-token latency) and, sampled every second of the window, the GPUs' utilization (the share of the time a
+kernel ran: ``gpu_busy_fraction``). Rows are written with ``source = hil`` and read back by
+``sim.profile.read_table``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -33,6 +36,9 @@ from sim.workload import Request
 
 DEFAULT_PROMPT_TOKENS = 512
 DEFAULT_OUTPUT_TOKENS = 128
+# Scenario seconds between utilization samples in a window: NVML averages utilization over its own sample
+# period (1/6 s to 1 s by GPU), so one reading a second covers the window.
+UTILIZATION_SAMPLE_S = 1.0
 
 
 class HilProfileError(PalsError):
@@ -83,6 +89,7 @@ class PointMeasurement:
     itl_p99_s: float
     requests_completed: int
     drop_reasons: list[str]
+    gpu_busy_fraction: float = math.nan  # mean utilization over the window's samples and the GPUs
 
 
 class _Saturator:
@@ -119,7 +126,11 @@ async def _measure_point(driver: EngineDriver, gpus: list[Gpu], spec: ProfileSpe
         await asyncio.sleep(spec.warmup_s / speedup)
         start = await asyncio.to_thread(lambda: [read_gpu(g) for g in gpus])
         t0, tokens0, done0 = driver.clock(), driver.tokens_generated, sat.completed
-        await asyncio.sleep(spec.window_s / speedup)
+        samples = max(1, round(spec.window_s / UTILIZATION_SAMPLE_S))
+        utilization: list[float] = []
+        for _ in range(samples):
+            await asyncio.sleep(spec.window_s / samples / speedup)
+            utilization += await asyncio.to_thread(lambda: [g.get_utilization() for g in gpus])
         end = await asyncio.to_thread(lambda: [read_gpu(g) for g in gpus])
         t1, tokens1 = driver.clock(), driver.tokens_generated
     finally:
@@ -133,7 +144,7 @@ async def _measure_point(driver: EngineDriver, gpus: list[Gpu], spec: ProfileSpe
     itl_p50, itl_p99 = quantiles_s(ItlPieces.of_gaps(gaps), (0.5, 0.99))
     powers = [window_power_w(a, b, window) for a, b in zip(start, end, strict=True)]
     return PointMeasurement((tokens1 - tokens0) / window, float(sum(powers) / len(powers)), itl_p50, itl_p99,
-                            sat.completed - done0, sat.drop_reasons), sat.next_id
+                            sat.completed - done0, sat.drop_reasons, float(np.mean(utilization))), sat.next_id
 
 
 async def _sweep(spec: ProfileSpec, gpus: list[Gpu], url: str, caps_w: list[float], batches: list[int],
@@ -157,7 +168,9 @@ async def _sweep(spec: ProfileSpec, gpus: list[Gpu], url: str, caps_w: list[floa
                 rows.append({"power_cap_w": float(cap), "max_num_seqs": int(batch),
                              "throughput_tokens_per_s": m.throughput_tokens_per_s,
                              "power_w_per_gpu": m.power_w_per_gpu, "itl_median_s": m.itl_median_s,
-                             "itl_p99_s": m.itl_p99_s})
+                             "itl_p99_s": m.itl_p99_s,
+                             # a device that reports no kernel time while serving does not measure it
+                             "gpu_busy_fraction": m.gpu_busy_fraction if 0 < m.gpu_busy_fraction <= 1 else math.nan})
     return server, rows
 
 

@@ -50,7 +50,7 @@ class Gpu(Protocol):
         """Current SM clock."""
 
     def get_utilization(self) -> float:
-        """Fraction of time busy in the last sample period (0-1)."""
+        """Fraction of the last sample period during which a kernel ran (0-1), as NVML counts it."""
 
 
 class ActivityLedger:
@@ -94,10 +94,10 @@ class ActivityLedger:
         total = s.total_time_s()
         if dt >= total * (1.0 - 1e-12):  # finished stretch (to rounding), then idle until t
             idle = dt - total if dt > total else 0.0
-            busy = dt - idle
-            clock = self._sm_clock(s) * busy + self.idle_clock * idle
-            return s.total_energy_j() + self.idle_power_w * idle, busy, clock
-        return s.energy_by(dt), dt, self._sm_clock(s) * dt
+            running = dt - idle
+            clock = self._sm_clock(s) * running + self.idle_clock * idle
+            return s.total_energy_j() + self.idle_power_w * idle, s.busy_of(s.iterations, total), clock
+        return s.energy_by(dt), s.busy_by(dt), self._sm_clock(s) * dt
 
     def _sm_clock(self, s: Stretch) -> float:
         """The clock a stretch reports: a duty-cycled effective clock below the lowest one reads as the lowest
@@ -105,8 +105,9 @@ class ActivityLedger:
         return s.clock if s.clock > self.idle_clock else self.idle_clock
 
     def counters(self) -> tuple[float, float, float]:
-        """``(energy_j, busy_s, clock_s)`` since the start, up to now: energy of one GPU, time spent running
-        steps, and the integral of the clock fraction (window averages come from their changes)."""
+        """``(energy_j, busy_s, clock_s)`` since the start, up to now: energy of one GPU, time a kernel ran
+        (steps less their host waits: ``Stretch.busy_by``), and the integral of the clock fraction (window
+        averages come from their changes)."""
         now = self.env.now
         if now != self._memo_t:
             energy, busy, clock = self._segment(now)
@@ -119,7 +120,7 @@ class ActivityLedger:
         return self.counters()[0]
 
     def busy_s(self) -> float:
-        """Time spent running steps since the start, up to now."""
+        """Time a kernel ran since the start, up to now (NVML's utilization is its share of a window)."""
         return self.counters()[1]
 
     def power_w(self) -> float:
@@ -213,7 +214,7 @@ class SimGpu:
         return self.ledger.clock() * self.spec.sm_clock_max_mhz
 
     def get_busy_time_s(self) -> float:
-        """Cumulative time spent running engine steps."""
+        """Cumulative time a kernel ran: engine steps less their host waits."""
         return self.ledger.busy_s()
 
     def get_utilization(self) -> float:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pandas as pd
+
 from sim.catalog.calibration import engine_params
 from sim.catalog.gpus import GpuSpec, get_gpu
 from sim.catalog.models import load_model
@@ -41,6 +43,7 @@ class RowPrediction:
     itl_median_s: float
     itl_p99_s: float = math.nan
     running_seqs_mean: float = math.nan  # sequences running per replica, on average
+    gpu_busy_fraction: float = math.nan  # share of the time a kernel runs on a GPU (NVML's utilization)
 
 
 def parallelism(row: Any) -> tuple[Parallelism, int]:
@@ -100,7 +103,7 @@ def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:
     return measured_as_row(row, phys.gpu, RowPrediction(pred.tokens_per_s, pred.power_w_per_gpu,
                                                          model.step_quantile_s(cap, b, 0.5),
                                                          model.step_quantile_s(cap, b, 0.99),
-                                                         model.running_seqs(b)))
+                                                         model.running_seqs(b), model.busy_fraction(cap, b)))
 
 
 def measured_as_row(row: Any, gpu: GpuSpec, pred: RowPrediction) -> RowPrediction:
@@ -113,7 +116,8 @@ def measured_as_row(row: Any, gpu: GpuSpec, pred: RowPrediction) -> RowPredictio
     _, replicas = parallelism(row)
     batch_s = replicas * int(row.max_num_seqs) * row.output_tokens_mean / pred.throughput_tokens_per_s
     power_w = (pred.power_w_per_gpu * batch_s + gpu.idle_power_w * tail_s) / (batch_s + tail_s)
-    return replace(pred, power_w_per_gpu=power_w)
+    busy = pred.gpu_busy_fraction * batch_s / (batch_s + tail_s)
+    return replace(pred, power_w_per_gpu=power_w, gpu_busy_fraction=busy)
 
 
 def _lognormal(mean: float, cv: float) -> dict[str, Any]:
@@ -175,7 +179,8 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     ts = out.timeseries
     if row.workload == "static-batches":  # (its few control windows do not sample the running batch)
         t = out.summary["totals"]
-        pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl, itl_p99)
+        pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl, itl_p99,
+                             gpu_busy_fraction=_busy_fraction(ts))
         return measured_as_row(row, get_gpu(row.gpu), pred)
     steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
     window = steady.drop_duplicates(["time_s", "replica"])
@@ -184,4 +189,11 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     energy = float((steady["power_w"] * steady["window_s"]).sum())  # energy_j is the cumulative counter
     n_gpus = int(steady["gpu"].nunique())
     # Sequences running per replica, sampled at every window's end (as a Prometheus gauge is scraped).
-    return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99, float(window["batch"].mean()))
+    return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99, float(window["batch"].mean()),
+                         _busy_fraction(steady))
+
+
+def _busy_fraction(timeseries: pd.DataFrame) -> float:
+    """The GPUs' utilization (share of the time a kernel ran) over these windows, time-weighted."""
+    w = timeseries["window_s"].to_numpy()
+    return float((timeseries["utilization"].to_numpy() * w).sum() / w.sum()) if w.sum() > 0 else math.nan

@@ -33,9 +33,12 @@ effective clock below the lowest one, the voltage at its floor), so the lowest p
 as measured (PALS A100: 98-101 W under a 100 W cap at every batch). Where the natural draw is below the cap the
 cap changes nothing.
 
+The time a kernel runs, which NVML's utilization counts, is a step less its host wait and, on an eager step the
+host launches more slowly than the GPU runs it, less the GPU's wait for its launches (``step_busy_s``).
+
 During a pure-decode stretch the composition is fixed and every sequence's context grows by one token per
 iteration, so compute and memory work are linear in the iteration index ``j``: the stretch's duration,
-energy, and the number of iterations done by any time have closed forms (``DecodeStretch``).
+energy, kernel time, and the number of iterations done by any time have closed forms (``Stretch``).
 """
 
 from __future__ import annotations
@@ -313,6 +316,15 @@ class ReplicaPhysics:
         gpu_s = max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f
         return (gpu_s if gpu_s > w.launch_s else w.launch_s) + w.fixed_s
 
+    def step_busy_s(self, w: StepWork, f: float, t: float | None = None) -> float:
+        """Time a kernel runs during a step at clock fraction ``f`` (``t``: its duration, if known): all of it
+        but the host wait and, on an eager step the host cannot launch fast enough, the GPU's wait for its
+        launches. This is what NVML's utilization counts (the share of time one or more kernels execute)."""
+        if t is None:
+            t = self.step_time_s(w, f)
+        gpu_s = max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f
+        return t - w.host_s - (w.launch_s - gpu_s if w.launch_s > gpu_s else 0.0)
+
     def step_energy_j(self, w: StepWork, f: float, t: float | None = None) -> float:
         """Energy of one GPU for a step at clock fraction ``f`` (``t``: its duration, if known).
 
@@ -516,8 +528,8 @@ class Stretch:
     prefill-carrying step is a stretch of one iteration with zero slopes.
     """
 
-    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_h", "_e_m0", "_e_m1", "_floor", "_floor_n", "_memo",
-                 "_p_static", "_total_e", "_total_t", "c0", "c1", "clock", "iterations", "m0", "m1", "x")
+    __slots__ = ("_a1", "_a2", "_b1", "_b2", "_e_c", "_e_h", "_e_m0", "_e_m1", "_floor", "_floor_n", "_host",
+                 "_memo", "_p_static", "_total_e", "_total_t", "c0", "c1", "clock", "iterations", "m0", "m1", "x")
 
     def __init__(self, phys: ReplicaPhysics, work0: StepWork, c1: float, m1: float, clock: float,
                  iterations: int) -> None:
@@ -527,6 +539,7 @@ class Stretch:
         self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
         self.clock = clock
         self.iterations = iterations
+        self._host = host
         # Memory energy of iteration j: P_m·(m0 + m1·j) + P_kv·(kv0 + m1·j) (the slope is all KV cache).
         self._e_m0 = phys._p_memory * m0 + phys._p_kv * kv0
         self._e_m1 = (phys._p_memory + phys._p_kv) * m1
@@ -610,6 +623,33 @@ class Stretch:
             t_m = self.time_of(m)
         return (t_m * self._p_static + self._e_c * (self.c0 * m + self.c1 * tri)
                 + (self._e_m0 + self._e_h) * m + self._e_m1 * tri)
+
+    def busy_of(self, m: int, t_m: float | None = None) -> float:
+        """Time a kernel runs in the first ``m`` iterations (``t_m``: their duration, if known): their duration
+        less each one's host wait and, for those held at the launch floor, the GPU's wait for its launches
+        (the floor less the larger roofline term; see ``ReplicaPhysics.step_busy_s``)."""
+        if t_m is None:
+            t_m = self.time_of(m)
+        n = self._floor_n
+        if n <= 0:  # the common case: no iteration waits for its launches
+            return t_m - self._host * m
+        if n > m:
+            n = m
+        return t_m - self._host * m - (self._floor * n - sum_max_linear(self._a1, self._b1, self._a2, self._b2, n))
+
+    def iter_busy(self, j: int) -> float:
+        """Time a kernel runs in iteration ``j``."""
+        roofline = max(self._a1 + self._b1 * j, self._a2 + self._b2 * j)
+        launch_wait = self._floor - roofline if self._floor > roofline else 0.0
+        return self.iter_time(j) - self._host - launch_wait
+
+    def busy_by(self, elapsed_s: float) -> float:
+        """Time a kernel runs from the stretch's start to ``elapsed_s`` later (the iteration in flight counted
+        pro rata: its host wait spread over it)."""
+        if elapsed_s >= self.total_time_s():
+            return self.busy_of(self.iterations, self.total_time_s())
+        m, t_m = self._done_by(elapsed_s)
+        return self.busy_of(m, t_m) + self.iter_busy(m) / self.iter_time(m) * (elapsed_s - t_m)
 
     def iterations_done_by(self, elapsed_s: float) -> int:
         """Iterations completed within ``elapsed_s`` of the stretch's start (0..iterations)."""

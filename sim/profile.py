@@ -1,10 +1,11 @@
 """The profile table: measured or simulated operating points of a deployment, one row each, as CSV.
 
-Columns (units in the names; ``itl_median_s``, ``itl_p99_s`` and ``running_seqs_mean`` may be empty):
+Columns (units in the names; ``itl_median_s``, ``itl_p99_s``, ``running_seqs_mean`` and ``gpu_busy_fraction`` may
+be empty):
 
 ``source, gpu, model, num_gpus, tensor_parallel, expert_parallel, power_cap_w, max_num_seqs, workload,
 prompt_tokens_mean, output_tokens_mean, output_tokens_cv, throughput_tokens_per_s, power_w_per_gpu, itl_median_s,
-itl_p99_s, power_idle_tail_s, running_seqs_mean, prompt_tokens_cv``
+itl_p99_s, power_idle_tail_s, running_seqs_mean, prompt_tokens_cv, gpu_busy_fraction``
 
 ``itl_median_s`` and ``itl_p99_s`` are the median and 99th percentile of the inter-token latency over every
 token (``sim.itl``); ``pals calibrate`` fits the median, ``pals validate`` reports both.
@@ -12,6 +13,12 @@ token (``sim.itl``); ``pals calibrate`` fits the median, ``pals validate`` repor
 ``running_seqs_mean`` (optional) is the mean number of sequences a replica was running (vLLM's
 ``num_requests_running``): ``max_num_seqs`` unless the step budget or the KV cache held fewer. ``pals validate``
 compares it on ``saturate`` rows; the fit does not use it.
+
+``gpu_busy_fraction`` (optional) is the GPUs' mean utilization as NVML reports it, as a fraction: the share of
+the time one or more kernels ran (the PALS table's ``avg_gpu_util``). The rest is the host's work between
+kernels (scheduling, input preparation, sampling) and, on steps launched kernel by kernel, the GPU waiting for
+launches. It shows how a step's time splits between work that slows with the clock and work that does not;
+``pals validate`` compares it, the fit does not use it.
 
 ``output_tokens_cv`` (optional, 0 when absent) is the coefficient of variation (std / mean) of the output
 lengths. Under continuous batching it sets how much context the running sequences carry: a long request stays
@@ -52,13 +59,14 @@ from sim.io import write_text_atomic
 COLUMNS = ("source", "gpu", "model", "num_gpus", "tensor_parallel", "expert_parallel", "power_cap_w",
            "max_num_seqs", "workload", "prompt_tokens_mean", "output_tokens_mean", "output_tokens_cv",
            "throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "power_idle_tail_s",
-           "running_seqs_mean", "prompt_tokens_cv")
+           "running_seqs_mean", "prompt_tokens_cv", "gpu_busy_fraction")
 WORKLOADS = ("static-batches", "saturate")
 _INT_COLUMNS = ("num_gpus", "tensor_parallel", "expert_parallel", "max_num_seqs")
 # columns a table may leave out, and their values then
 _OPTIONAL = {"output_tokens_cv": 0.0, "itl_median_s": math.nan, "itl_p99_s": math.nan, "power_idle_tail_s": 0.0,
-             "running_seqs_mean": math.nan, "prompt_tokens_cv": 0.0}
-_NULLABLE = ("itl_median_s", "itl_p99_s", "running_seqs_mean")  # measured only by some benchmarks: may be empty
+             "running_seqs_mean": math.nan, "prompt_tokens_cv": 0.0, "gpu_busy_fraction": math.nan}
+# measured only by some benchmarks: may be empty
+_NULLABLE = ("itl_median_s", "itl_p99_s", "running_seqs_mean", "gpu_busy_fraction")
 _POSITIVE = ("power_cap_w", "prompt_tokens_mean", "output_tokens_mean", "throughput_tokens_per_s", "power_w_per_gpu")
 
 # Hugging Face ids in the public datasets → catalog names.
@@ -156,6 +164,8 @@ def normalise(rows: pd.DataFrame, where: str) -> pd.DataFrame:
                  "a 99th percentile no smaller than itl_median_s")
     _raise_first(df["running_seqs_mean"] > df["max_num_seqs"], df, where, "running_seqs_mean",
                  "no more than max_num_seqs (sequences running per replica)")
+    _raise_first(df["gpu_busy_fraction"] > 1.0, df, where, "gpu_busy_fraction",
+                 "a fraction in (0, 1] (NVML utilization / 100) or empty")
     _raise_first((df["workload"] == "saturate") & (df["power_idle_tail_s"] > 0), df, where, "power_idle_tail_s",
                  "0 on a saturate row (an idle tail after one batch applies to static batches)")
     return df[list(COLUMNS)].reset_index(drop=True)
@@ -200,8 +210,22 @@ def import_pals_a100(path: str | Path) -> pd.DataFrame:
         "tensor_parallel": num["tp"], "expert_parallel": 1, "power_cap_w": num["cap_w"], "max_num_seqs": num["batch"],
         "workload": "static-batches", "prompt_tokens_mean": PALS_PROMPT_TOKENS_MEAN,
         "output_tokens_mean": PALS_OUTPUT_TOKENS, "throughput_tokens_per_s": num["avg_Tokens_per_s"],
-        "power_w_per_gpu": num["avg_gpu_power"], "itl_median_s": math.nan}).reset_index(drop=True)
+        "power_w_per_gpu": num["avg_gpu_power"], "itl_median_s": math.nan,
+        "gpu_busy_fraction": _utilization(raw, p)}).reset_index(drop=True)
     return normalise(table, str(p))
+
+
+def _utilization(raw: pd.DataFrame, p: Path) -> pd.Series | float:
+    """The PALS table's ``avg_gpu_util`` (NVML utilization, percent) as a fraction; NaN where the file lacks it."""
+    if "avg_gpu_util" not in raw.columns:
+        return math.nan
+    percent = _numbers(raw, "avg_gpu_util", p)
+    bad = (percent <= 0) | (percent > 100)
+    if bool(bad.any()):
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ProfileError(f"{p}, line {int(raw['_line'].iloc[i])}, column 'avg_gpu_util': expected a percentage "
+                           f"in (0, 100], got {percent.iloc[i]:g}")
+    return percent / 100.0
 
 
 def import_mlenergy(path: str | Path, prompt_tokens_mean: float = MLENERGY_PROMPT_TOKENS_MEAN,
@@ -358,7 +382,8 @@ def simulated_profile(scenario: Any, caps_w: list[float], batches: list[int],
             p = simulate_row(row)
             rows.append({**row.to_dict(), "throughput_tokens_per_s": p.throughput_tokens_per_s,
                          "power_w_per_gpu": p.power_w_per_gpu, "itl_median_s": p.itl_median_s,
-                         "itl_p99_s": p.itl_p99_s, "running_seqs_mean": p.running_seqs_mean})
+                         "itl_p99_s": p.itl_p99_s, "running_seqs_mean": p.running_seqs_mean,
+                         "gpu_busy_fraction": p.gpu_busy_fraction})
     return normalise(pd.DataFrame(rows), "simulated profile")
 
 

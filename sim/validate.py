@@ -19,9 +19,10 @@ from sim.io import write_json_atomic, write_text_atomic
 from sim.operating_point import analytic_row, row_physics, simulate_row
 from sim.profile import check_catalog
 
-METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "running_seqs_mean")
+METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "running_seqs_mean",
+           "gpu_busy_fraction")
 METRIC_LABELS = {"throughput_tokens_per_s": "throughput", "power_w_per_gpu": "power", "itl_median_s": "ITL p50",
-                 "itl_p99_s": "ITL p99", "running_seqs_mean": "running"}
+                 "itl_p99_s": "ITL p99", "running_seqs_mean": "running", "gpu_busy_fraction": "busy"}
 
 
 def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> pd.DataFrame:
@@ -46,8 +47,8 @@ def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> 
 
 
 def mape_summary(validated: pd.DataFrame) -> dict[str, Any]:
-    """MAPE (%) per metric: overall and per source, model, GPU and model on GPU (the ITL and the running batch
-    over the rows that measured them)."""
+    """MAPE (%) per metric: overall and per source, model, GPU and model on GPU (the ITL, the running batch and
+    the GPU busy share over the rows that measured them)."""
 
     def block(df: pd.DataFrame) -> dict[str, Any]:
         res: dict[str, Any] = {"rows": len(df), "rows_measured": {}}  # rows with each metric measured
@@ -67,21 +68,24 @@ def mape_summary(validated: pd.DataFrame) -> dict[str, Any]:
 
 
 def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the MAPE (%) table: overall, then each GPU and each model on each GPU where the table
-    covers several GPUs (a model's figures on two GPUs are not one figure), else each model."""
-    header = ["", "rows", *[METRIC_LABELS[m] for m in METRICS]]
+    """Header and rows of the MAPE (%) table, one column per metric the table measured: overall, then each GPU
+    and each model on each GPU where the table covers several GPUs (a model's figures on two GPUs are not one
+    figure), else each model."""
+    metrics = [m for m in METRICS if m in summary["overall"]]  # those the table measured
+    header = ["", "rows", *[METRIC_LABELS[m] for m in metrics]]
     blocks = [("overall", summary["overall"])]
     if len(summary["by_gpu"]) > 1:
         blocks += [*summary["by_gpu"].items(), *summary["by_model_gpu"].items()]
     else:
         blocks += list(summary["by_model"].items())
-    rows = [[name, str(b["rows"]), *[f"{b[m]:.1f}" if m in b else "-" for m in METRICS]] for name, b in blocks]
+    rows = [[name, str(b["rows"]), *[f"{b[m]:.1f}" if m in b else "-" for m in metrics]] for name, b in blocks]
     return header, rows
 
 
 # The unit of each metric on the predicted-vs-measured axes.
 AXIS_UNITS = {"throughput_tokens_per_s": "(output tokens/s)", "power_w_per_gpu": "(W per GPU)",
-              "itl_median_s": "(s)", "itl_p99_s": "(s)", "running_seqs_mean": "(sequences)"}
+              "itl_median_s": "(s)", "itl_p99_s": "(s)", "running_seqs_mean": "(sequences)",
+              "gpu_busy_fraction": "(share of time a kernel ran)"}
 
 
 def validation_page(validated: pd.DataFrame, summary: dict[str, Any], title: str) -> str:

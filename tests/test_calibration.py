@@ -74,6 +74,10 @@ def test_pals_reader_keeps_every_cap_and_batch():
     # The data README quotes this point: 379 W, 435 tok/s.
     assert row["power_w_per_gpu"] == pytest.approx(379, abs=1)
     assert row["throughput_tokens_per_s"] == pytest.approx(435, abs=1)
+    # NVML utilization (percent of the time a kernel ran) becomes a fraction: 96.7 % here.
+    assert row["gpu_busy_fraction"] == pytest.approx(0.967, abs=5e-4)
+    assert t["gpu_busy_fraction"].between(0.6, 1.0).all()
+    assert mlenergy_h100()["gpu_busy_fraction"].isna().all()  # ML.ENERGY did not record it
 
 
 def test_mlenergy_power_is_per_gpu_and_argonne_is_in_watts():
@@ -91,6 +95,17 @@ def test_mlenergy_power_is_per_gpu_and_argonne_is_in_watts():
     # Argonne's "Throughput" counts input and output tokens: output tokens per second are half of it here.
     first = a[(a["gpu"] == "a100-sxm4-40gb") & (a["model"] == "llama-2-7b") & (a["max_num_seqs"] == 64)].iloc[0]
     assert first["throughput_tokens_per_s"] == pytest.approx(1484.8 / 2, rel=1e-3)
+
+
+def test_pals_reader_takes_utilization_as_a_fraction_and_names_a_bad_cell(tmp_path):
+    csv = tmp_path / "moe.csv"
+    head = "model,tp,cap_w,batch,avg_Tokens_per_s,avg_gpu_util,avg_gpu_power\n"
+    csv.write_text(head + "mixtral-8x7b,4,400,64,434.8,96.7,379.3\nolmoe-1b-7b,4,100,1,150.0,140,99.0\n")
+    with pytest.raises(ProfileError, match=r"moe.csv, line 3, column 'avg_gpu_util': expected a percentage in "
+                                           r"\(0, 100\], got 140"):
+        import_pals_a100(csv)
+    csv.write_text(head.replace(",avg_gpu_util", "") + "mixtral-8x7b,4,400,64,434.8,379.3\n")
+    assert import_pals_a100(csv)["gpu_busy_fraction"].isna().all()  # an older copy without the column
 
 
 def test_argonne_power_is_one_gpus_even_on_several(tmp_path):
@@ -114,8 +129,9 @@ def test_argonne_power_means_include_a_second_of_idle_and_predictions_see_the_sa
     phys = row_physics(row)
     idle_w = phys.gpu.idle_power_w
     # 2 prompts x 100 tokens at 50 tokens/s: a 4 s batch at 400 W, then 1 s idle.
-    seen = measured_as_row(row, phys.gpu, RowPrediction(50.0, 400.0, 0.02))
+    seen = measured_as_row(row, phys.gpu, RowPrediction(50.0, 400.0, 0.02, gpu_busy_fraction=0.9))
     assert seen.power_w_per_gpu == pytest.approx((4 * 400.0 + 1 * idle_w) / 5)
+    assert seen.gpu_busy_fraction == pytest.approx(0.9 * 4 / 5)  # no kernel runs in the idle second
     assert (seen.throughput_tokens_per_s, seen.itl_median_s) == (50.0, 0.02)
     row["power_idle_tail_s"] = 0.0
     assert measured_as_row(row, phys.gpu, RowPrediction(50.0, 400.0, 0.02)).power_w_per_gpu == 400.0
@@ -211,6 +227,14 @@ def test_table_round_trips_and_bad_rows_name_line_and_field(tmp_path):
     m.to_csv(path, index=False)
     with pytest.raises(ProfileError, match=r"line 3, field 'running_seqs_mean': expected no more than max_num_seqs"):
         read_table(path)
+    m = pals().head(4).copy()
+    m.loc[2, "gpu_busy_fraction"] = 87.5  # a percentage where a fraction belongs
+    m.to_csv(path, index=False)
+    with pytest.raises(ProfileError, match=r"line 4, field 'gpu_busy_fraction': expected a fraction in \(0, 1\]"):
+        read_table(path)
+    m.loc[2, "gpu_busy_fraction"] = math.nan  # not measured on this row
+    m.to_csv(path, index=False)
+    assert read_table(path)["gpu_busy_fraction"].isna().sum() == 1
     path.write_text("source,gpu\nx,y\n")
     with pytest.raises(ProfileError, match="missing column"):
         read_table(path)
@@ -274,6 +298,9 @@ def test_simulator_matches_the_closed_form_steady_state(pick):
     if source == "mlenergy":  # nothing limits these: the knob runs full
         assert ana.running_seqs_mean == batch
         assert sim.running_seqs_mean == pytest.approx(batch, rel=0.02)
+    # The share of the time a kernel runs (NVML's utilization): the simulated GPUs' ledger and the closed form.
+    assert 0.3 < ana.gpu_busy_fraction < 1.0
+    assert sim.gpu_busy_fraction == pytest.approx(ana.gpu_busy_fraction, rel=tol if source == "pals" else 0.02)
 
 
 def test_the_measured_latency_tails_need_prompts_of_varying_length():
@@ -344,6 +371,25 @@ def test_predicted_power_respects_every_cap_as_measured():
     assert (v["predicted_power_w_per_gpu"] <= v["power_cap_w"] * (1 + 1e-6)).all()
     at_lowest = v[v["power_cap_w"] == 100]
     assert (at_lowest["power_w_per_gpu"] >= 98).all() and (at_lowest["predicted_power_w_per_gpu"] >= 98).all()
+
+
+def test_predicted_kernel_time_share_follows_the_measured_utilization():
+    """NVML utilization (the share of the time a kernel ran) was never fitted: the physics predicts it from the
+    step's split between GPU work and host waits. Measured, it rises as the cap falls (the host's time per batch
+    stays, the kernels slow down): so does the prediction, for every model at batch >= 16. Counting every step's
+    whole duration as busy, as a GPU model without host waits would, misses by the whole host share (~15
+    points); the physics misses by a fraction of that."""
+    v = predict_table(pals(), "pals", "analytic")
+    miss_points = (v["predicted_gpu_busy_fraction"] - v["gpu_busy_fraction"]).abs() * 100
+    naive_points = (1.0 - v["gpu_busy_fraction"]) * 100
+    print(f"\nPALS A100 utilization, mean miss: physics {miss_points.mean():.1f} points, "
+          f"all-busy {naive_points.mean():.1f} points")
+    assert miss_points.mean() < naive_points.mean() / 3
+    big = v[v["max_num_seqs"] >= 16]
+    for (model, batch), g in big.groupby(["model", "max_num_seqs"]):
+        at = g.set_index("power_cap_w")
+        assert at.loc[100, "gpu_busy_fraction"] > at.loc[400, "gpu_busy_fraction"], (model, batch)
+        assert at.loc[100, "predicted_gpu_busy_fraction"] > at.loc[400, "predicted_gpu_busy_fraction"], (model, batch)
 
 
 # ----- calibration ------------------------------------------------------------------------------------
@@ -489,7 +535,14 @@ def test_validate_cli_writes_its_three_files_and_rejects_unknown_models(tmp_path
     summary = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert summary["overall"]["rows"] == 14
     assert {"by_model", "by_gpu", "by_source"} <= set(summary)
-    assert len(pd.read_csv(tmp_path / "v" / "validation.csv")) == 14
+    v = pd.read_csv(tmp_path / "v" / "validation.csv")
+    assert len(v) == 14
+    # The GPU busy share (NVML utilization) is compared where measured: PALS recorded it, ITL it did not.
+    assert summary["overall"]["rows_measured"] == {"throughput_tokens_per_s": 14, "power_w_per_gpu": 14,
+                                                   "gpu_busy_fraction": 14}
+    err = (v["predicted_gpu_busy_fraction"] / v["gpu_busy_fraction"] - 1).abs().mean() * 100
+    assert summary["overall"]["gpu_busy_fraction"] == pytest.approx(err, abs=0.01)
+    assert "busy" in out.stdout and "ITL" not in out.stdout  # a column per metric the table measured
     page = (tmp_path / "v" / "validation.html").read_text()
     assert "plotly" in page
     for label in ("measured (output tokens\\u002fs)", "predicted (W per GPU)", "power cap (W)", "error (%)",

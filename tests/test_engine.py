@@ -249,7 +249,7 @@ def test_the_lowest_power_limit_holds_under_heavy_prefill_by_duty_cycling(monkey
     assert phys.step_power_w(prefill, spec.min_clock_fraction) > low, "the lowest clock fits: nothing to test"
     assert phys.clock_for_cap(prefill, low) < spec.min_clock_fraction
     _check_invariants(sc, out)
-    busy = out.timeseries[out.timeseries["utilization"] > 0.99]
+    busy = out.timeseries[out.timeseries["utilization"] > 0.5]  # windows that kernels mostly fill
     assert not busy.empty
     assert (busy["power_w"] <= low + 1e-3).all()
     assert busy["power_w"].max() > 0.99 * low  # the limit binds: the GPU runs at it, not below

@@ -338,6 +338,10 @@ def test_hil_profile_on_the_twin(twin: str, scenario_path: Path, tmp_path: Path)
     assert (table["throughput_tokens_per_s"] > 0).all()
     # Inter-token latency from the streamed tokens' gaps, as a serving benchmark measures it.
     assert (table["itl_median_s"] > 0).all() and (table["itl_p99_s"] >= table["itl_median_s"]).all()
+    # Utilization sampled through the window: kernels run most of a saturated step, the host waits the rest.
+    assert table["gpu_busy_fraction"].between(0.3, 1.0, inclusive="right").all()
+    # Under the lower cap kernels slow down and the host's share shrinks (PALS A100: 82.6 -> 95.7 % for OLMoE).
+    assert table["gpu_busy_fraction"].iloc[0] > table["gpu_busy_fraction"].iloc[1]
     low = table[table["power_cap_w"] == 250.0].iloc[0]
     assert low["power_w_per_gpu"] <= 250.0 * (1 + POWER_TOLERANCE)
     assert [d["power_limit_mw"] for d in devices(twin)] == [DEFAULT_LIMIT_MW]

@@ -27,6 +27,7 @@ METRICS = (
     ("avg_power_w", "avg GPU power (W)", "{:,.1f}"),
     ("energy_j", "GPU energy (J)", "{:,.0f}"),
     ("tokens_per_j", "tokens/J", "{:.4f}"),
+    ("gpu_utilization", "GPU utilization", "{:.3f}"),
     ("ttft_p50_s", "TTFT p50 (s)", "{:.4f}"),
     ("ttft_p99_s", "TTFT p99 (s)", "{:.4f}"),
     ("tpot_p50_s", "TPOT p50 (s)", "{:.5f}"),

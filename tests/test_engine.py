@@ -36,6 +36,10 @@ def _check_invariants(sc, out) -> None:
     # The window-average clock stays within the GPU's range; a binding cap pulls it below the max.
     spec = GPUS[sc.deployments[0].gpu]
     assert ts["clock_mhz"].between(spec.sm_clock_min_mhz * (1 - 1e-9), spec.sm_clock_max_mhz * (1 + 1e-9)).all()
+    # Utilization is a share of each window; the summary's is their time-weighted mean.
+    assert ts["utilization"].between(0.0, 1.0 + 1e-9).all()
+    w = ts["window_s"]
+    assert tot["gpu_utilization"] == pytest.approx(float((ts["utilization"] * w).sum() / w.sum()), rel=1e-9)
     # Energy counters are monotonic; output tokens add up.
     for _, g in ts.groupby("gpu"):
         assert (np.diff(g["energy_j"].to_numpy()) >= -1e-9).all()

@@ -43,6 +43,15 @@ def test_single_request_timeline_is_prefill_then_decodes():
     assert req.generated == 5
     # The run ends as soon as the finite workload is served.
     assert result.end_s == pytest.approx(t_finish, rel=REL)
+    # NVML-style utilization: a kernel ran for every step less its host wait (scheduling, request set-up); the
+    # GPU idled before the arrival.
+    prefill = phys.step_work(100, 1, 1, 100 * 101 / 2, 100, num_new=1)
+    decodes = [phys.step_work(1, 1, 1, 101 + j, 101 + j) for j in range(4)]
+    assert prefill.host_s > 0 and prefill.launch_s == 0  # graphed steps: no wait for launches
+    kernel_s = (t_first - req.arrival_s - prefill.host_s) + sum(phys.step_time_s(w, 1.0) - w.host_s for w in decodes)
+    gpu = result.deployments[0].gpus[0]
+    assert gpu.get_busy_time_s() == pytest.approx(kernel_s, rel=1e-9)
+    assert gpu.get_utilization() == pytest.approx(kernel_s / t_finish, rel=1e-9)
 
 
 def test_inter_token_latency_counts_every_gap_between_tokens():

@@ -21,8 +21,8 @@ from sim.profile import check_catalog
 
 METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s", "itl_p99_s", "running_seqs_mean",
            "gpu_busy_fraction")
-METRIC_LABELS = {"throughput_tokens_per_s": "throughput", "power_w_per_gpu": "power", "itl_median_s": "ITL p50",
-                 "itl_p99_s": "ITL p99", "running_seqs_mean": "running", "gpu_busy_fraction": "busy"}
+METRIC_LABELS = {"throughput_tokens_per_s": "tok/s", "power_w_per_gpu": "power", "itl_median_s": "ITL p50",
+                 "itl_p99_s": "ITL p99", "running_seqs_mean": "batch", "gpu_busy_fraction": "busy"}
 
 
 def predict_table(table: pd.DataFrame, where: str, method: str = "simulate") -> pd.DataFrame:

@@ -36,8 +36,8 @@ from sim.workload import Request
 
 DEFAULT_PROMPT_TOKENS = 512
 DEFAULT_OUTPUT_TOKENS = 128
-# Scenario seconds between utilization samples in a window: NVML averages utilization over its own sample
-# period (1/6 s to 1 s by GPU), so one reading a second covers the window.
+# Scenario seconds between utilization samples in a window: each NVML reading averages its own sample period
+# (1/6 s to 1 s by GPU), so readings a second apart sample the window evenly (all of it where the period is 1 s).
 UTILIZATION_SAMPLE_S = 1.0
 
 

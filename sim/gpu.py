@@ -96,7 +96,8 @@ class ActivityLedger:
             idle = dt - total if dt > total else 0.0
             running = dt - idle
             clock = self._sm_clock(s) * running + self.idle_clock * idle
-            return s.total_energy_j() + self.idle_power_w * idle, s.busy_of(s.iterations, total), clock
+            busy = s.busy_of(s.iterations, total)
+            return s.total_energy_j() + self.idle_power_w * idle, busy if busy < running else running, clock
         return s.energy_by(dt), s.busy_by(dt), self._sm_clock(s) * dt
 
     def _sm_clock(self, s: Stretch) -> float:
@@ -218,5 +219,6 @@ class SimGpu:
         return self.ledger.busy_s()
 
     def get_utilization(self) -> float:
-        """Busy fraction since creation (the plant differentiates it per window)."""
+        """Share of the time since creation during which a kernel ran (the plant's windows read the ledger's
+        counters instead)."""
         return self.get_busy_time_s() / self.env.now if self.env.now > 0 else 0.0

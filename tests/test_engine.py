@@ -145,6 +145,10 @@ def test_event_and_iteration_stepping_agree(case):
         rel = np.abs(x[both] - y[both]) / np.maximum(np.abs(y[both]), 1e-12)
         assert rel.max(initial=0.0) <= 1e-6, (case, col, rel.max())
     assert ev.summary["totals"]["energy_j"] == pytest.approx(it.summary["totals"]["energy_j"], rel=1e-6)
+    # Kernel time per window (utilization): closed-form stretches, cut short where a cap change or an arrival
+    # ends them, give what iteration-by-iteration stepping adds up.
+    ua, ub = ev.timeseries["utilization"].to_numpy(), it.timeseries["utilization"].to_numpy()
+    assert len(ua) == len(ub) > 0 and np.allclose(ua, ub, rtol=1e-6, atol=1e-9), case
     # Inter-token latency: iteration stepping records every gap on its own; event stepping spreads a stretch's
     # gaps evenly between its first and last iteration's, which its durations are (linear in the iteration)
     # up to the spacing of one iteration.

@@ -114,8 +114,9 @@ def _system_energy_j(gpu_power_w: np.ndarray, window_s: np.ndarray, num_gpus: in
     return float(np.sum((power.node_power_factor * gpu_power_w + power.node_overhead_w * nodes) * window_s))
 
 
-def _utilization(timeseries: pd.DataFrame) -> float:
-    """Mean GPU utilization (share of the time a kernel ran) over these GPU-windows, weighted by window length."""
+def mean_utilization(timeseries: pd.DataFrame) -> float:
+    """Mean GPU utilization (share of the time a kernel ran) over these GPU-windows, weighted by window length
+    (NaN over no time)."""
     w = timeseries["window_s"].to_numpy(dtype=float)
     total = float(w.sum())
     return float((timeseries["utilization"].to_numpy(dtype=float) * w).sum() / total) if total > 0 else math.nan
@@ -153,7 +154,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
             "output_tokens": int(tokens), "throughput_tokens_per_s": tokens / end if end > 0 else 0.0,
             "energy_j": energy, "avg_power_w": energy / end if end > 0 else 0.0,
             "tokens_per_j": tokens / energy if energy > 0 else 0.0,
-            "gpu_utilization": _utilization(ts),
+            "gpu_utilization": mean_utilization(ts),
             **_latency(done), **itl_pct,
             "slo_attainment": slo / len(reqs) if len(reqs) else math.nan,
             "budget_violation_fraction": _violations(power, share_w),
@@ -181,7 +182,7 @@ def summarize(result: RunResult, requests: pd.DataFrame, timeseries: pd.DataFram
         "output_tokens": int(tot_tokens), "throughput_tokens_per_s": tot_tokens / end if end > 0 else 0.0,
         "energy_j": tot_energy, "avg_power_w": tot_energy / end if end > 0 else 0.0,
         "tokens_per_j": tot_tokens / tot_energy if tot_energy > 0 else 0.0,
-        "gpu_utilization": _utilization(timeseries),
+        "gpu_utilization": mean_utilization(timeseries),
         **_latency(done_all), **(itl_pct if len(itl_all) == 1 else percentiles(ItlPieces.concat(itl_all))),
         "slo_attainment": tot_slo / len(requests) if len(requests) else math.nan,
         "budget_violation_fraction": _violations(bw[:, 1], bw[:, 2]),

@@ -14,13 +14,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-import pandas as pd
-
 from sim.catalog.calibration import engine_params
 from sim.catalog.gpus import GpuSpec, get_gpu
 from sim.catalog.models import load_model
 from sim.control.models import PhysicsModel
 from sim.engine import kv_capacity_tokens
+from sim.metrics import mean_utilization
 from sim.physics import (
     CUDA_GRAPH_MAX_TOKENS,
     EngineOverheads,
@@ -180,7 +179,7 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     if row.workload == "static-batches":  # (its few control windows do not sample the running batch)
         t = out.summary["totals"]
         pred = RowPrediction(t["throughput_tokens_per_s"], t["avg_power_w"] / t["num_gpus"], itl, itl_p99,
-                             gpu_busy_fraction=_busy_fraction(ts))
+                             gpu_busy_fraction=mean_utilization(ts))
         return measured_as_row(row, get_gpu(row.gpu), pred)
     steady = ts[ts["time_s"] >= 0.25 * scenario.duration_s]
     window = steady.drop_duplicates(["time_s", "replica"])
@@ -190,10 +189,5 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     n_gpus = int(steady["gpu"].nunique())
     # Sequences running per replica, sampled at every window's end (as a Prometheus gauge is scraped).
     return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99, float(window["batch"].mean()),
-                         _busy_fraction(steady))
+                         mean_utilization(steady))
 
-
-def _busy_fraction(timeseries: pd.DataFrame) -> float:
-    """The GPUs' utilization (share of the time a kernel ran) over these windows, time-weighted."""
-    w = timeseries["window_s"].to_numpy()
-    return float((timeseries["utilization"].to_numpy() * w).sum() / w.sum()) if w.sum() > 0 else math.nan

@@ -78,9 +78,8 @@ class PhysicsModel(_MemoModel):
         self.kv_capacity_tokens = kv_capacity_tokens
         self.output_tokens_cv = output_tokens_cv
         self.prompt_tokens_cv = prompt_tokens_cv
-        # Per (cap, batch): each kind of step's duration and count, and its work and clock (for its kernel time).
-        self._steps: dict[tuple[float, int], list[tuple[float, float]]] = {}
-        self._plans: dict[tuple[float, int], list[tuple[StepWork, float]]] = {}
+        self._steps: dict[tuple[float, int], list[tuple[float, float]]] = {}  # each kind of step: duration, count
+        self._busy: dict[tuple[float, int], float] = {}  # share of the time a kernel runs
 
     def _estimate(self, power_cap_w: float, max_num_seqs: int) -> Prediction:
         """Saturated throughput and per-GPU power at this cap and batch knob."""
@@ -92,12 +91,7 @@ class PhysicsModel(_MemoModel):
         """Share of the steady state's time during which a kernel runs on a GPU (NVML's utilization): the
         rest is the host's scheduling between kernels and, on eager steps, the GPU waiting for launches."""
         self.predict(power_cap_w, max_num_seqs)
-        key = (float(power_cap_w), max(1, int(max_num_seqs)))
-        busy = total = 0.0
-        for (t, count), (work, f) in zip(self._steps[key], self._plans[key], strict=True):
-            busy += count * self.phys.step_busy_s(work, f, t)
-            total += count * t
-        return busy / total if total > 0.0 else 0.0
+        return self._busy[(float(power_cap_w), max(1, int(max_num_seqs)))]
 
     def median_step_s(self, power_cap_w: float, max_num_seqs: int) -> float:
         """Median duration of the steady state's steps (the median inter-token latency)."""
@@ -119,18 +113,17 @@ class PhysicsModel(_MemoModel):
     def _run(self, works: list[tuple[StepWork, float]], cap_w: float, key: tuple[float, int]) -> tuple[float, float]:
         """Time and energy of weighted steps, each at the clock its cap allows."""
         phys = self.phys
-        t_total = e_total = 0.0
+        t_total = e_total = busy = 0.0
         durations = []
-        plan = []
         for work, count in works:
             f = phys.clock_for_cap(work, cap_w)
             t = phys.step_time_s(work, f)
             durations.append((t, count))
-            plan.append((work, f))
             t_total += count * t
             e_total += count * phys.step_energy_j(work, f, t)
+            busy += count * phys.step_busy_s(work, f, t)
         self._steps[key] = durations
-        self._plans[key] = plan
+        self._busy[key] = busy / t_total if t_total > 0.0 else 0.0
         return t_total, e_total
 
     def running_seqs(self, max_num_seqs: int) -> float:

@@ -115,6 +115,7 @@ class FitResult:
     std: dict[str, float] = field(default_factory=dict)
     # Pairs of parameters whose estimates are strongly correlated (|r| >= CORRELATION_REPORTED), strongest first.
     correlated: list[tuple[str, str, float]] = field(default_factory=list)
+    measured: dict[str, float] = field(default_factory=dict)  # parameters held at a figure measured on the node
 
 
 def has_capped_rows(rows: pd.DataFrame) -> bool:
@@ -175,14 +176,26 @@ def mape(preds: list[RowPrediction], table: pd.DataFrame) -> dict[str, float]:
 
 
 def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverheads] | None = None,
-        max_evals: int = 400, same_die: tuple[str, ...] = ()) -> FitResult:
+        max_evals: int = 400, same_die: tuple[str, ...] = (), idle_power_w: float | None = None) -> FitResult:
     """Fit one GPU type's parameters (and its engine's) to the table's rows of that GPU and of the GPUs
-    ``same_die`` (variants of the same chip, e.g. the 40 GB and 80 GB A100: one parameter set for all)."""
+    ``same_die`` (variants of the same chip, e.g. the 40 GB and 80 GB A100: one parameter set for all).
+
+    ``idle_power_w``: the GPU's idle draw as measured on the node (nvidia-smi, no work running); the fit holds
+    it there instead of placing it. Operating points alone place it loosely (it trades against the active
+    powers), and under a low cap it decides how much power is left for work (see ``check_idle_power_w``).
+    """
     rows = table[table["gpu"].isin([gpu_name, *same_die])].reset_index(drop=True)
     if rows.empty:
         raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
     base, engine0 = start or (datasheet_gpu(gpu_name), FIRST_ENGINE)
     lo, hi = _bounds(datasheet_gpu(gpu_name))
+    names = [p.name for p in PARAMS]
+    idle_at = names.index("idle_power_w")
+    if idle_power_w is not None:
+        check_idle_power_w(idle_power_w, datasheet_gpu(gpu_name))
+        base = replace(base, idle_power_w=float(idle_power_w))
+        lo[idle_at] = min(lo[idle_at], idle_power_w)  # a measured draw outside the fit's range is still kept
+        hi[idle_at] = max(hi[idle_at], idle_power_w)
     x0 = np.clip(_pack(base, engine0), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
     span = hi - lo
 
@@ -192,6 +205,8 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     moe = any(load_model(m).is_moe for m in set(rows["model"]))
     free = np.array([(capped or p.name not in CAP_ONLY_PARAMS) and (moe or p.name not in MOE_ONLY_PARAMS)
                      for p in PARAMS])
+    if idle_power_w is not None:
+        free[idle_at] = False
     measurements = 2 * len(rows) + int(rows["itl_median_s"].notna().sum())
     if measurements < int(free.sum()):
         raise CalibrationError(f"{len(rows)} row(s) of {gpu_name} give {measurements} measurements, fewer than the "
@@ -209,7 +224,6 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
         return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z_free - z0[free])])
 
-    names = [p.name for p in PARAMS]
 
     def solve(z_start: np.ndarray, name: str | None = None, value: float = 0.0) -> Any:
         """Least squares from ``z_start`` (with parameter ``name`` set to ``value`` first, when given)."""
@@ -236,10 +250,21 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
             if candidate.cost < sol.cost * (1.0 - RESTART_GAIN):
                 sol = candidate
     gpu, engine = _unpack(lo + full(sol.x) * span, base)
-    held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f)
+    if idle_power_w is not None:
+        gpu = replace(gpu, idle_power_w=float(idle_power_w))  # exactly as measured, not as unit-range rounds it
+    held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f and p.name != "idle_power_w")
     std, correlated = _uncertainty(sol, [p.name for p, f in zip(PARAMS, free, strict=True) if f], span[free])
     return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows), held,
-                     {p.name: std.get(p.name, math.nan) for p in PARAMS}, correlated)
+                     {p.name: std.get(p.name, math.nan) for p in PARAMS}, correlated,
+                     {} if idle_power_w is None else {"idle_power_w": float(idle_power_w)})
+
+
+def check_idle_power_w(idle_power_w: float, gpu: GpuSpec) -> None:
+    """A measured idle draw must be a positive number of watts below the GPU's lowest power limit (a GPU that
+    idles above it could not be capped there)."""
+    if not (math.isfinite(idle_power_w) and 0.0 < idle_power_w < gpu.power_limit_min_w):
+        raise CalibrationError(f"idle power {idle_power_w:g} W for {gpu.name}: expected the measured idle draw "
+                               f"in watts, above 0 and below its lowest power limit ({gpu.power_limit_min_w:g} W)")
 
 
 def _uncertainty(sol: Any, names: list[str], span: np.ndarray) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
@@ -283,13 +308,13 @@ class HeldOut:
 
 
 def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: list[Any] | None = None,
-                    same_die: tuple[str, ...] = ()) -> list[HeldOut]:
+                    same_die: tuple[str, ...] = (), idle_power_w: float | None = None) -> list[HeldOut]:
     """Fit without some rows of ``gpu_name`` (and ``same_die``) and predict them, the way the fit would meet
     data it never saw.
 
     Without ``train_values`` every value of column ``by`` is left out in turn (leave one model out, one cap,
     ...); with them, one fold fits on the rows whose ``by`` is among ``train_values`` and predicts the rest
-    (PALS's leave-caps-out: fit on 150, 250 and 400 W, predict the other caps).
+    (PALS's leave-caps-out: fit on 150, 250 and 400 W, predict the other caps). ``idle_power_w``: as in ``fit``.
     """
     if by not in HOLD_OUT_COLUMNS:
         raise CalibrationError(f"--by {by!r}: expected one of {', '.join(HOLD_OUT_COLUMNS)}")
@@ -313,7 +338,7 @@ def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: l
             hint = f" (the rows differ in {', '.join(others)}: try --by {others[0]})" if others else ""
             raise CalibrationError(f"holding out {by} = {held} leaves nothing to "
                                    f"{'fit' if train.empty else 'predict'}{hint}")
-        result = fit(train, gpu_name, same_die=same_die)
+        result = fit(train, gpu_name, same_die=same_die, idle_power_w=idle_power_w)
         out.append(HeldOut(tuple(held), len(train), len(test),
                            mape(predict_rows(test, result.gpu, result.engine), test)))
     return out
@@ -336,6 +361,7 @@ def write_calibration(result: FitResult, table_path: str, table: pd.DataFrame, a
         "fit": {"mape_percent": {k: round(v, 2) for k, v in result.mape.items()}, "cost": round(result.cost, 6),
                 "method": "scipy.optimize.least_squares (trf) on log(predicted/measured)",
                 "held_at_first_estimates": list(result.held),
+                "held_as_measured": {k: _round(v) for k, v in result.measured.items()},
                 # Gauss-Newton standard errors (null: at a bound or held) and strongly correlated pairs.
                 "standard_error": {k: _round(v) for k, v in result.std.items()},
                 "correlated_pairs": [{"a": a, "b": b, "r": round(r, 3)} for a, b, r in result.correlated]},

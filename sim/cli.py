@@ -255,10 +255,14 @@ def calibrate(
         "--applies-to", help="Comma-separated other GPU names that share the fit (same die).")] = "",
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Where to write <gpu>.json (default: traces/calibration, read by the catalog).")] = None,
+    idle_power_w: Annotated[float | None, typer.Option(
+        "--idle-power-w", help="The GPU's idle draw measured on the node (W, nvidia-smi with no work running): "
+                               "held there, not fitted.")] = None,
 ) -> None:
     """Fit the per-GPU-type and engine physics parameters to measured rows (scipy least squares) and write
     them, with the data they came from, where the catalog reads them. Rows of the --applies-to GPUs (same
-    die) are fitted together with the GPU's own."""
+    die) are fitted together with the GPU's own. Give --idle-power-w where you measured the idle draw: the
+    operating points place it loosely, and under a low cap it decides what is left for work."""
     from sim.calibrate import PARAMS, fit, write_calibration
     from sim.catalog.calibration import CALIBRATION_DIR
 
@@ -273,11 +277,12 @@ def calibrate(
                               "standard errors count each as a separate measurement", highlight=False)
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
         for name in gpus:
-            result = fit(rows, name, same_die=tuple(others))
+            result = fit(rows, name, same_die=tuple(others), idle_power_w=idle_power_w)
             path = write_calibration(result, ", ".join(str(t) for t in tables), rows, others,
                                      out_dir or CALIBRATION_DIR)
             lines = [[p.name, f"{getattr(result.gpu if p.part == 'gpu' else result.engine, p.name):.4g}",
-                      _standard_error(result.std[p.name], p.name in result.held)] for p in PARAMS]
+                      _standard_error(result.std[p.name], p.name in result.held, p.name in result.measured)]
+                     for p in PARAMS]
             print_table(f"{name}: fitted on {result.rows} rows", ["parameter", "value", "± std. error"], lines)
             console.print("in-sample MAPE: " + ", ".join(f"{k} {v:.1f} %" for k, v in result.mape.items()))
             for a, b, r in result.correlated:
@@ -299,6 +304,9 @@ def holdout(
     applies_to: Annotated[str, typer.Option(
         "--applies-to", help="Comma-separated other GPU names fitted together with it (same die).")] = "",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write holdout.json into this folder.")] = None,
+    idle_power_w: Annotated[float | None, typer.Option(
+        "--idle-power-w", help="The GPU's idle draw measured on the node (W, nvidia-smi with no work running): "
+                               "held there, not fitted.")] = None,
 ) -> None:
     """How well a calibration predicts what it never saw: fit without some rows (a model, some caps, ...)
     and predict them. Writes nothing where the catalog reads; prints MAPE per fold (and --out/holdout.json)."""
@@ -316,7 +324,7 @@ def holdout(
                 [v.strip() for v in train.split(",") if v.strip()]
         report = {}
         for name in [gpu] if gpu else sorted(set(rows["gpu"]) - set(others)):
-            folds = held_out_errors(rows, name, by, train_values, tuple(others))
+            folds = held_out_errors(rows, name, by, train_values, tuple(others), idle_power_w)
             metrics = [m for m in HELD_OUT_LABELS if any(m in f.mape for f in folds)]
             lines = [[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.held_out),
                       str(f.train_rows), str(f.test_rows),
@@ -327,7 +335,8 @@ def holdout(
                              "mape_percent": f.mape} for f in folds]
         if out is not None:
             write_json_atomic(out / "holdout.json", {"tables": [str(t) for t in tables], "by": by,
-                                                     "train": train_values, "folds": report})
+                                                     "train": train_values, "idle_power_w": idle_power_w,
+                                                     "folds": report})
             console.print(f"written to {out / 'holdout.json'}")
     except (PalsError, ValueError) as exc:
         _fail(exc)
@@ -351,7 +360,9 @@ def _read_tables(tables: list[Path]) -> Any:
     return pd.concat(parts, ignore_index=True)
 
 
-def _standard_error(std: float, held: bool) -> str:
+def _standard_error(std: float, held: bool, measured: bool = False) -> str:
+    if measured:
+        return "measured"
     if held:
         return "held"
     return f"{std:.2g}" if math.isfinite(std) else "at a bound"

@@ -276,6 +276,7 @@ def calibrate(
             err_console.print(f"warning: {repeats} row(s) repeat another row's operating point: the fit and its "
                               "standard errors count each as a separate measurement", highlight=False)
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
+        _one_gpu_for_idle_power(idle_power_w, gpus)
         for name in gpus:
             result = fit(rows, name, same_die=tuple(others), idle_power_w=idle_power_w)
             path = write_calibration(result, ", ".join(str(t) for t in tables), rows, others,
@@ -323,7 +324,9 @@ def holdout(
             train_values = _floats(train, "--train") if by in ("power_cap_w", "max_num_seqs") else \
                 [v.strip() for v in train.split(",") if v.strip()]
         report = {}
-        for name in [gpu] if gpu else sorted(set(rows["gpu"]) - set(others)):
+        gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
+        _one_gpu_for_idle_power(idle_power_w, gpus)
+        for name in gpus:
             folds = held_out_errors(rows, name, by, train_values, tuple(others), idle_power_w)
             metrics = [m for m in HELD_OUT_LABELS if any(m in f.mape for f in folds)]
             lines = [[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.held_out),
@@ -358,6 +361,13 @@ def _read_tables(tables: list[Path]) -> Any:
         check_catalog(part, str(table))
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
+
+
+def _one_gpu_for_idle_power(idle_power_w: float | None, gpus: list[str]) -> None:
+    """A measured idle draw belongs to one GPU type: refuse it for a fit over several."""
+    if idle_power_w is not None and len(gpus) > 1:
+        raise PalsError(f"--idle-power-w: the tables hold rows of several GPUs ({', '.join(gpus)}); name the one "
+                        "it was measured on with --gpu")
 
 
 def _standard_error(std: float, held: bool, measured: bool = False) -> str:

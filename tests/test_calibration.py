@@ -769,6 +769,15 @@ def test_a_measured_idle_power_is_held_exactly_and_reported_as_measured(tmp_path
     for bad in (0.0, -5.0, math.nan, 200.0):  # 200 W: the H100's lowest power limit
         with pytest.raises(CalibrationError, match=r"idle power .* W for h100-sxm: expected the measured idle draw"):
             fit(rows, "h100-sxm", max_evals=30, idle_power_w=bad)
+    # One measured draw for one GPU type: a table of two types needs --gpu.
+    table = tmp_path / "two.csv"
+    write_table(pd.concat([rows, normalise(_row(gpu="a100-sxm4-80gb", power_cap_w=300), "t.csv")]), table)
+    for command in ("calibrate", "holdout"):
+        out = subprocess.run([sys.executable, "-m", "sim.cli", command, str(table), "--idle-power-w", "60"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "--idle-power-w: the tables hold rows of several GPUs (a100-sxm4-80gb, h100-sxm); name the one it " \
+               "was measured on with --gpu" in out.stderr
 
 
 # The idle draw of an A100-SXM4-80GB as nvidia-smi reads it (P0, no process, 0 % utilization): the median of 14

@@ -192,7 +192,8 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     names = [p.name for p in PARAMS]
     idle_at = names.index("idle_power_w")
     if idle_power_w is not None:
-        check_idle_power_w(idle_power_w, datasheet_gpu(gpu_name))
+        for name in (gpu_name, *same_die):
+            check_idle_power_w(idle_power_w, datasheet_gpu(name))
         base = replace(base, idle_power_w=float(idle_power_w))
         lo[idle_at] = min(lo[idle_at], idle_power_w)  # a measured draw outside the fit's range is still kept
         hi[idle_at] = max(hi[idle_at], idle_power_w)
@@ -223,7 +224,6 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
         # A weak pull towards the first estimates keeps parameters the data barely constrain (the voltage
         # curve below the lowest measured cap, say) physical instead of wherever they drift.
         return np.concatenate([_residuals(predict_rows(rows, g, e), rows), prior * (z_free - z0[free])])
-
 
     def solve(z_start: np.ndarray, name: str | None = None, value: float = 0.0) -> Any:
         """Least squares from ``z_start`` (with parameter ``name`` set to ``value`` first, when given)."""

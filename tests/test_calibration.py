@@ -759,13 +759,13 @@ def test_a_measured_idle_power_is_held_exactly_and_reported_as_measured(tmp_path
     rows = normalise(pd.concat([_row(max_num_seqs=b, throughput_tokens_per_s=100.0 * b ** 0.8,
                                      power_w_per_gpu=300 + 2 * b, running_seqs_mean=b)
                                 for b in range(1, 21)], ignore_index=True), "t.csv")
-    # 81.5 W lies outside the range the fit may move the datasheet's 70 W in (0.85-1.2x): kept all the same.
-    result = fit(rows, "h100-sxm", max_evals=30, idle_power_w=81.5)
-    assert result.gpu.idle_power_w == 81.5 and result.measured == {"idle_power_w": 81.5}
+    # 40.5 W lies below the range the fit may move the datasheet's 70 W in (0.85-1.2x: 59.5-84 W): kept all the same.
+    result = fit(rows, "h100-sxm", max_evals=30, idle_power_w=40.5)
+    assert result.gpu.idle_power_w == 40.5 and result.measured == {"idle_power_w": 40.5}
     assert "idle_power_w" not in result.held and math.isnan(result.std["idle_power_w"])
     assert all(c[0] != "idle_power_w" and c[1] != "idle_power_w" for c in result.correlated)
     doc = json.loads(write_calibration(result, "t.csv", rows, [], tmp_path).read_text())
-    assert doc["gpu_params"]["idle_power_w"] == 81.5 and doc["fit"]["held_as_measured"] == {"idle_power_w": 81.5}
+    assert doc["gpu_params"]["idle_power_w"] == 40.5 and doc["fit"]["held_as_measured"] == {"idle_power_w": 40.5}
     for bad in (0.0, -5.0, math.nan, 200.0):  # 200 W: the H100's lowest power limit
         with pytest.raises(CalibrationError, match=r"idle power .* W for h100-sxm: expected the measured idle draw"):
             fit(rows, "h100-sxm", max_evals=30, idle_power_w=bad)

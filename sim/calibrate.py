@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -176,27 +177,30 @@ def mape(preds: list[RowPrediction], table: pd.DataFrame) -> dict[str, float]:
 
 
 def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverheads] | None = None,
-        max_evals: int = 400, same_die: tuple[str, ...] = (), idle_power_w: float | None = None) -> FitResult:
+        max_evals: int = 400, same_die: tuple[str, ...] = (), measured: Mapping[str, float] | None = None,
+        ) -> FitResult:
     """Fit one GPU type's parameters (and its engine's) to the table's rows of that GPU and of the GPUs
     ``same_die`` (variants of the same chip, e.g. the 40 GB and 80 GB A100: one parameter set for all).
 
-    ``idle_power_w``: the GPU's idle draw as measured on the node (nvidia-smi, no work running); the fit holds
-    it there instead of placing it. Operating points alone place it loosely (it trades against the active
-    powers), and under a low cap it decides how much power is left for work (see ``check_idle_power_w``).
+    ``measured``: parameters measured on the node, held at those values instead of fitted (checked by
+    ``check_measured``): the idle draw (nvidia-smi with no work running), the dense GEMM efficiency (a GEMM
+    microbenchmark), ... Operating points alone place some of them loosely: the idle draw trades against the
+    active powers, yet under a low cap it decides what is left for work; the GEMM efficiency shows only in
+    compute-heavy rows.
     """
     rows = table[table["gpu"].isin([gpu_name, *same_die])].reset_index(drop=True)
     if rows.empty:
         raise CalibrationError(f"no rows for GPU {gpu_name!r} in the table (it has {sorted(set(table['gpu']))})")
+    measured = {name: float(value) for name, value in (measured or {}).items()}
+    for name in (gpu_name, *same_die):
+        check_measured(measured, datasheet_gpu(name))
     base, engine0 = start or (datasheet_gpu(gpu_name), FIRST_ENGINE)
+    base, engine0 = _with_values(base, engine0, measured)
     lo, hi = _bounds(datasheet_gpu(gpu_name))
     names = [p.name for p in PARAMS]
-    idle_at = names.index("idle_power_w")
-    if idle_power_w is not None:
-        for name in (gpu_name, *same_die):
-            check_idle_power_w(idle_power_w, datasheet_gpu(name))
-        base = replace(base, idle_power_w=float(idle_power_w))
-        lo[idle_at] = min(lo[idle_at], idle_power_w)  # a measured draw outside the fit's range is still kept
-        hi[idle_at] = max(hi[idle_at], idle_power_w)
+    for name, value in measured.items():  # a measured idle draw outside the fit's range is still kept
+        i = names.index(name)
+        lo[i], hi[i] = min(lo[i], value), max(hi[i], value)
     x0 = np.clip(_pack(base, engine0), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))
     span = hi - lo
 
@@ -206,8 +210,7 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     moe = any(load_model(m).is_moe for m in set(rows["model"]))
     free = np.array([(capped or p.name not in CAP_ONLY_PARAMS) and (moe or p.name not in MOE_ONLY_PARAMS)
                      for p in PARAMS])
-    if idle_power_w is not None:
-        free[idle_at] = False
+    free &= np.array([p.name not in measured for p in PARAMS])
     measurements = 2 * len(rows) + int(rows["itl_median_s"].notna().sum())
     if measurements < int(free.sum()):
         raise CalibrationError(f"{len(rows)} row(s) of {gpu_name} give {measurements} measurements, fewer than the "
@@ -250,21 +253,39 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
             if candidate.cost < sol.cost * (1.0 - RESTART_GAIN):
                 sol = candidate
     gpu, engine = _unpack(lo + full(sol.x) * span, base)
-    if idle_power_w is not None:
-        gpu = replace(gpu, idle_power_w=float(idle_power_w))  # exactly as measured, not as unit-range rounds it
-    held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f and p.name != "idle_power_w")
+    gpu, engine = _with_values(gpu, engine, measured)  # exactly as measured, not as the unit range rounds them
+    held = tuple(p.name for p, f in zip(PARAMS, free, strict=True) if not f and p.name not in measured)
     std, correlated = _uncertainty(sol, [p.name for p, f in zip(PARAMS, free, strict=True) if f], span[free])
     return FitResult(gpu, engine, len(rows), float(sol.cost), mape(predict_rows(rows, gpu, engine), rows), held,
-                     {p.name: std.get(p.name, math.nan) for p in PARAMS}, correlated,
-                     {} if idle_power_w is None else {"idle_power_w": float(idle_power_w)})
+                     {p.name: std.get(p.name, math.nan) for p in PARAMS}, correlated, measured)
 
 
-def check_idle_power_w(idle_power_w: float, gpu: GpuSpec) -> None:
-    """A measured idle draw must be a positive number of watts below the GPU's lowest power limit (a GPU that
-    idles above it could not be capped there)."""
-    if not (math.isfinite(idle_power_w) and 0.0 < idle_power_w < gpu.power_limit_min_w):
-        raise CalibrationError(f"idle power {idle_power_w:g} W for {gpu.name}: expected the measured idle draw "
-                               f"in watts, above 0 and below its lowest power limit ({gpu.power_limit_min_w:g} W)")
+def _with_values(gpu: GpuSpec, engine: EngineOverheads, values: Mapping[str, float],
+                 ) -> tuple[GpuSpec, EngineOverheads]:
+    """``gpu`` and ``engine`` with these parameters set."""
+    parts = {p.name: p.part for p in PARAMS}
+    return (replace(gpu, **{k: v for k, v in values.items() if parts[k] == "gpu"}),
+            replace(engine, **{k: v for k, v in values.items() if parts[k] == "engine"}))
+
+
+def check_measured(measured: Mapping[str, float], gpu: GpuSpec) -> None:
+    """Measured parameters must be fitted ones, with physical values for ``gpu``: the idle draw a positive number of
+    watts below its lowest power limit (a GPU idling above it could not be capped there), any other within the
+    range the fit would search."""
+    params = {p.name: p for p in PARAMS}
+    for name, value in measured.items():
+        if name not in params:
+            raise CalibrationError(f"measured parameter {name!r}: not a fitted one (expected one of "
+                                   f"{', '.join(params)})")
+        if name == "idle_power_w":
+            if not (math.isfinite(value) and 0.0 < value < gpu.power_limit_min_w):
+                raise CalibrationError(f"idle_power_w={value:g} for {gpu.name}: expected the measured idle draw in "
+                                       f"watts, above 0 and below its lowest power limit "
+                                       f"({gpu.power_limit_min_w:g} W)")
+            continue
+        low, high = params[name].bounds(gpu)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise CalibrationError(f"{name}={value:g} for {gpu.name}: expected {low:g} to {high:g}")
 
 
 def _uncertainty(sol: Any, names: list[str], span: np.ndarray) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
@@ -308,13 +329,13 @@ class HeldOut:
 
 
 def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: list[Any] | None = None,
-                    same_die: tuple[str, ...] = (), idle_power_w: float | None = None) -> list[HeldOut]:
+                    same_die: tuple[str, ...] = (), measured: Mapping[str, float] | None = None) -> list[HeldOut]:
     """Fit without some rows of ``gpu_name`` (and ``same_die``) and predict them, the way the fit would meet
     data it never saw.
 
     Without ``train_values`` every value of column ``by`` is left out in turn (leave one model out, one cap,
     ...); with them, one fold fits on the rows whose ``by`` is among ``train_values`` and predicts the rest
-    (PALS's leave-caps-out: fit on 150, 250 and 400 W, predict the other caps). ``idle_power_w``: as in ``fit``.
+    (PALS's leave-caps-out: fit on 150, 250 and 400 W, predict the other caps). ``measured``: as in ``fit``.
     """
     if by not in HOLD_OUT_COLUMNS:
         raise CalibrationError(f"--by {by!r}: expected one of {', '.join(HOLD_OUT_COLUMNS)}")
@@ -338,7 +359,7 @@ def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: l
             hint = f" (the rows differ in {', '.join(others)}: try --by {others[0]})" if others else ""
             raise CalibrationError(f"holding out {by} = {held} leaves nothing to "
                                    f"{'fit' if train.empty else 'predict'}{hint}")
-        result = fit(train, gpu_name, same_die=same_die, idle_power_w=idle_power_w)
+        result = fit(train, gpu_name, same_die=same_die, measured=measured)
         out.append(HeldOut(tuple(held), len(train), len(test),
                            mape(predict_rows(test, result.gpu, result.engine), test)))
     return out

@@ -255,14 +255,15 @@ def calibrate(
         "--applies-to", help="Comma-separated other GPU names that share the fit (same die).")] = "",
     out_dir: Annotated[Path | None, typer.Option(
         "--out-dir", help="Where to write <gpu>.json (default: traces/calibration, read by the catalog).")] = None,
-    idle_power_w: Annotated[float | None, typer.Option(
-        "--idle-power-w", help="The GPU's idle draw measured on the node (W, nvidia-smi with no work running): "
-                               "held there, not fitted.")] = None,
+    measured: Annotated[list[str] | None, typer.Option(
+        "--measured", help="NAME=VALUE: a parameter measured on the node, held there instead of fitted "
+                           "(repeatable), e.g. idle_power_w=61 (nvidia-smi, no work running) or "
+                           "compute_efficiency=0.77 (a GEMM microbenchmark).")] = None,
 ) -> None:
     """Fit the per-GPU-type and engine physics parameters to measured rows (scipy least squares) and write
     them, with the data they came from, where the catalog reads them. Rows of the --applies-to GPUs (same
-    die) are fitted together with the GPU's own. Give --idle-power-w where you measured the idle draw: the
-    operating points place it loosely, and under a low cap it decides what is left for work."""
+    die) are fitted together with the GPU's own. Give --measured for what you measured on the node: the
+    operating points place the idle draw loosely, yet under a low cap it decides what is left for work."""
     from sim.calibrate import PARAMS, fit, write_calibration
     from sim.catalog.calibration import CALIBRATION_DIR
 
@@ -275,10 +276,11 @@ def calibrate(
         if repeats:
             err_console.print(f"warning: {repeats} row(s) repeat another row's operating point: the fit and its "
                               "standard errors count each as a separate measurement", highlight=False)
+        held = _measured(measured)
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
-        _one_gpu_for_idle_power(idle_power_w, gpus)
+        _one_gpu_for_measured(held, gpus)
         for name in gpus:
-            result = fit(rows, name, same_die=tuple(others), idle_power_w=idle_power_w)
+            result = fit(rows, name, same_die=tuple(others), measured=held)
             path = write_calibration(result, ", ".join(str(t) for t in tables), rows, others,
                                      out_dir or CALIBRATION_DIR)
             lines = [[p.name, f"{getattr(result.gpu if p.part == 'gpu' else result.engine, p.name):.4g}",
@@ -305,9 +307,10 @@ def holdout(
     applies_to: Annotated[str, typer.Option(
         "--applies-to", help="Comma-separated other GPU names fitted together with it (same die).")] = "",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write holdout.json into this folder.")] = None,
-    idle_power_w: Annotated[float | None, typer.Option(
-        "--idle-power-w", help="The GPU's idle draw measured on the node (W, nvidia-smi with no work running): "
-                               "held there, not fitted.")] = None,
+    measured: Annotated[list[str] | None, typer.Option(
+        "--measured", help="NAME=VALUE: a parameter measured on the node, held there instead of fitted "
+                           "(repeatable), e.g. idle_power_w=61 (nvidia-smi, no work running) or "
+                           "compute_efficiency=0.77 (a GEMM microbenchmark).")] = None,
 ) -> None:
     """How well a calibration predicts what it never saw: fit without some rows (a model, some caps, ...)
     and predict them. Writes nothing where the catalog reads; prints MAPE per fold (and --out/holdout.json)."""
@@ -324,10 +327,11 @@ def holdout(
             train_values = _floats(train, "--train") if by in ("power_cap_w", "max_num_seqs") else \
                 [v.strip() for v in train.split(",") if v.strip()]
         report = {}
+        held = _measured(measured)
         gpus = [gpu] if gpu else sorted(set(rows["gpu"]) - set(others))
-        _one_gpu_for_idle_power(idle_power_w, gpus)
+        _one_gpu_for_measured(held, gpus)
         for name in gpus:
-            folds = held_out_errors(rows, name, by, train_values, tuple(others), idle_power_w)
+            folds = held_out_errors(rows, name, by, train_values, tuple(others), held)
             metrics = [m for m in HELD_OUT_LABELS if any(m in f.mape for f in folds)]
             lines = [[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.held_out),
                       str(f.train_rows), str(f.test_rows),
@@ -338,7 +342,7 @@ def holdout(
                              "mape_percent": f.mape} for f in folds]
         if out is not None:
             write_json_atomic(out / "holdout.json", {"tables": [str(t) for t in tables], "by": by,
-                                                     "train": train_values, "idle_power_w": idle_power_w,
+                                                     "train": train_values, "measured": held,
                                                      "folds": report})
             console.print(f"written to {out / 'holdout.json'}")
     except (PalsError, ValueError) as exc:
@@ -363,10 +367,25 @@ def _read_tables(tables: list[Path]) -> Any:
     return pd.concat(parts, ignore_index=True)
 
 
-def _one_gpu_for_idle_power(idle_power_w: float | None, gpus: list[str]) -> None:
-    """A measured idle draw belongs to one GPU type: refuse it for a fit over several."""
-    if idle_power_w is not None and len(gpus) > 1:
-        raise PalsError(f"--idle-power-w: the tables hold rows of several GPUs ({', '.join(gpus)}); name the one "
+def _measured(options: list[str] | None) -> dict[str, float]:
+    """``--measured NAME=VALUE`` options as a mapping (the names and values are checked by the fit)."""
+    out: dict[str, float] = {}
+    for option in options or []:
+        name, sep, value = option.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise PalsError(f"--measured {option!r}: expected NAME=VALUE with a number, e.g. idle_power_w=61") \
+                from None
+    return out
+
+
+def _one_gpu_for_measured(measured: dict[str, float], gpus: list[str]) -> None:
+    """Figures measured on a node belong to one GPU type: refuse them for a fit over several."""
+    if measured and len(gpus) > 1:
+        raise PalsError(f"--measured: the tables hold rows of several GPUs ({', '.join(gpus)}); name the one "
                         "it was measured on with --gpu")
 
 

@@ -375,10 +375,13 @@ def _measured(options: list[str] | None) -> dict[str, float]:
         try:
             if not sep or not name.strip():
                 raise ValueError
-            out[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise PalsError(f"--measured {option!r}: expected NAME=VALUE with a number, e.g. idle_power_w=61") \
                 from None
+        if name.strip() in out:
+            raise PalsError(f"--measured {option!r}: {name.strip()} is given twice")
+        out[name.strip()] = number
     return out
 
 

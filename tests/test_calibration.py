@@ -519,6 +519,8 @@ def test_holdout_cli_prints_and_writes_its_folds_and_rejects_bad_options(tmp_pat
                                                             "idle draw in watts, above 0 and below its lowest power "
                                                             "limit (100 W)"),
                          (["--measured", "60"], "--measured '60': expected NAME=VALUE with a number"),
+                         (["--measured", "idle_power_w=60", "--measured", "idle_power_w=61"],
+                          "--measured 'idle_power_w=61': idle_power_w is given twice"),
                          (["--measured", "idle=60"], "measured parameter 'idle': not a fitted one (expected one of "
                                                      "compute_efficiency, ")):
         out = subprocess.run([*cli, *bad], capture_output=True, text=True)

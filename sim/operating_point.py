@@ -190,4 +190,3 @@ def simulate_row(row: Any, seed: int = 0) -> RowPrediction:
     # Sequences running per replica, sampled at every window's end (as a Prometheus gauge is scraped).
     return RowPrediction(tokens / span, energy / span / n_gpus, itl, itl_p99, float(window["batch"].mean()),
                          mean_utilization(steady))
-

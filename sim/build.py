@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from sim.catalog.calibration import engine_params
+from sim.catalog.fused_moe import runs_default_moe_config
 from sim.catalog.gpus import GpuSpec, UnknownGpuError, get_gpu
 from sim.catalog.models import ModelConfigError, ModelSpec, load_model
 from sim.engine import kv_capacity_tokens
@@ -63,7 +64,18 @@ def build_physics(scenario: Scenario, dep: DeploymentConfig, gpu: GpuSpec | None
                 raise ValueError(f"counts for {r.model!r} cover {popularity.num_experts} experts, the model has "
                                  f"{model.num_experts}")
     return ReplicaPhysics(model, gpu, par, engine_overheads(dep, gpu.name), popularity,
-                          cuda_graph_max_tokens=cuda_graph_max_tokens(dep.engine))
+                          cuda_graph_max_tokens=cuda_graph_max_tokens(dep.engine),
+                          default_moe_config=default_moe_config(dep, model, gpu.name))
+
+
+def default_moe_config(dep: DeploymentConfig, model: ModelSpec, gpu_name: str) -> bool:
+    """Whether the deployment's experts run vLLM's default fused-MoE config: its setting, else the catalog's
+    knowledge of vLLM's tuned files."""
+    setting = dep.engine.fused_moe_config
+    if setting != "auto":
+        return setting == "default" and model.is_moe
+    p = dep.parallelism
+    return runs_default_moe_config(model, gpu_name, p.tensor, p.data, p.expert)
 
 
 def cuda_graph_max_tokens(engine: EngineConfig) -> int:

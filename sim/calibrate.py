@@ -26,11 +26,12 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from sim.catalog.calibration import CALIBRATION_DIR
+from sim.catalog.fused_moe import runs_default_moe_config
 from sim.catalog.gpus import GpuSpec, datasheet_gpu
 from sim.catalog.models import load_model
 from sim.errors import PalsError
 from sim.io import write_json_atomic
-from sim.operating_point import RowPrediction, analytic_row, row_physics
+from sim.operating_point import RowPrediction, analytic_row, parallelism, row_physics
 from sim.physics import EngineOverheads
 
 PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
@@ -87,6 +88,7 @@ PARAMS = (
     Param("expert_gemm_half_dim", "engine", 0.0, 4096.0),
     Param("expert_compute_fraction", "engine", 0.2, 1.0),
     Param("eager_launch_s", "engine", 0.0, 2e-3),
+    Param("default_moe_config_slowdown", "engine", 1.0, 2.0),
 )
 
 
@@ -100,6 +102,9 @@ CAP_ONLY_PARAMS = ("voltage_floor", "voltage_knee", "host_power_share")
 # per-layer kernel latency (a tensor-parallel layer has two), so it stays at the catalog's microbenchmark figure.
 MOE_ONLY_PARAMS = ("moe_tile_tokens", "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
                    "expert_compute_fraction")
+# The default fused-MoE config's slowdown shows only in rows of deployments that run it (no tuned file for their
+# layer shape, ``sim.catalog.fused_moe``): without such rows it stays at the kernel benchmark's figure.
+DEFAULT_CONFIG_PARAMS = ("default_moe_config_slowdown",)
 
 
 @dataclass
@@ -123,6 +128,15 @@ def has_capped_rows(rows: pd.DataFrame) -> bool:
     """Whether any row was measured under a power cap below its GPU's default limit."""
     defaults = rows["gpu"].map(lambda name: datasheet_gpu(name).default_power_limit_w)
     return bool((rows["power_cap_w"] < defaults - 1.0).any())
+
+
+def runs_default_config(rows: pd.DataFrame) -> bool:
+    """Whether any row's deployment runs vLLM's default fused-MoE config (``sim.catalog.fused_moe``)."""
+    for r in rows.drop_duplicates(["gpu", "model", "tensor_parallel", "expert_parallel"]).itertuples(index=False):
+        par, _ = parallelism(r)
+        if runs_default_moe_config(load_model(r.model), r.gpu, par.tensor, par.data, par.expert):
+            return True
+    return False
 
 
 def _bounds(gpu: GpuSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -208,8 +222,9 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     prior = PRIOR_WEIGHT * math.sqrt(len(rows))
     capped = has_capped_rows(rows)
     moe = any(load_model(m).is_moe for m in set(rows["model"]))
+    default_config = runs_default_config(rows)
     free = np.array([(capped or p.name not in CAP_ONLY_PARAMS) and (moe or p.name not in MOE_ONLY_PARAMS)
-                     for p in PARAMS])
+                     and (default_config or p.name not in DEFAULT_CONFIG_PARAMS) for p in PARAMS])
     free &= np.array([p.name not in measured for p in PARAMS])
     measurements = 2 * len(rows) + int(rows["itl_median_s"].notna().sum())
     if measurements < int(free.sum()):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sim.catalog.calibration import engine_params
+from sim.catalog.fused_moe import runs_default_moe_config
 from sim.catalog.gpus import GpuSpec, get_gpu
 from sim.catalog.models import load_model
 from sim.control.models import PhysicsModel
@@ -85,7 +86,9 @@ def row_physics(row: Any, gpu: GpuSpec | None = None, overheads: EngineOverheads
     if overheads is None:
         overheads = EngineOverheads(**engine_params(gpu.name))
     par, _ = parallelism(row)
-    return ReplicaPhysics(load_model(row.model), gpu, par, overheads, cuda_graph_max_tokens=cuda_graph_tokens(row))
+    model = load_model(row.model)
+    return ReplicaPhysics(model, gpu, par, overheads, cuda_graph_max_tokens=cuda_graph_tokens(row),
+                          default_moe_config=runs_default_moe_config(model, gpu.name, par.tensor, par.data, par.expert))
 
 
 def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:

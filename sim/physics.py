@@ -7,7 +7,8 @@ context. Per GPU of a replica (the busiest rank under expert parallelism) its pa
 * memory   ``M / (bw · eff_m · g(f))`` — weights actually read (dense part, plus the distinct experts the
   batch touches: under expert parallelism, those of the rank that holds the most of them) and KV bytes; HBM
   does not speed up with the SM clock, but below a knee clock the SMs cannot keep it saturated:
-  ``g(f) = min(1, f / knee)``;
+  ``g(f) = min(1, f / knee)``; where vLLM runs the experts with its default fused-MoE config rather than a tuned
+  one, the expert weights stream slower in the steps whose partly empty tiles it pads (``sim.catalog.fused_moe``);
 * communication — TP all-reduces (two per layer) and EP all-to-alls (dispatch + combine per MoE layer),
   bytes over link bandwidth plus a latency per collective; independent of the SM clock;
 * kernel latency ``L·λ / f`` — ``L`` layers, each costing ``λ`` of launch gaps and latency-bound small kernels
@@ -49,6 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sim.catalog.fused_moe import DEFAULT_CONFIG_TILE_TOKENS
 from sim.catalog.gpus import GpuSpec
 from sim.catalog.models import ModelSpec
 from sim.routing import ExpertPopularity, busiest_rank_factor
@@ -92,7 +94,10 @@ class EngineOverheads:
     and a 3,584-wide slice of a Mixtral expert is not. Both come from the architecture (the config's
     ``moe_intermediate_size``), not from a per-model factor. ``eager_launch_s`` is host time per layer to launch
     the kernels of a step too large for a captured CUDA graph, one by one (Python dispatch, Triton launchers);
-    the GPU part of such a step takes at least that long.
+    the GPU part of such a step takes at least that long. ``default_moe_config_slowdown`` is how much slower
+    the fused-MoE kernels stream expert weights when vLLM runs them with its default config instead of a tuned
+    one, while the step's tokens exceed the local experts and the default's 64-token tiles are not yet full (see
+    ``sim.catalog.fused_moe``; 1.26: vLLM PR #37814's kernel benchmark at 32 tokens on 16 local experts).
     """
 
     step_s: float = 0.002
@@ -105,6 +110,7 @@ class EngineOverheads:
     expert_gemm_half_dim: float = 0.0
     expert_compute_fraction: float = 1.0
     eager_launch_s: float = 0.0
+    default_moe_config_slowdown: float = 1.26
 
 
 class StepWork(NamedTuple):
@@ -156,6 +162,7 @@ class ReplicaPhysics:
         popularity: ExpertPopularity | None = None,
         memory_clock_knee: float = 0.5,
         cuda_graph_max_tokens: int = CUDA_GRAPH_MAX_TOKENS,
+        default_moe_config: bool = False,
     ) -> None:
         self.model = model
         self.gpu = gpu
@@ -198,6 +205,12 @@ class ReplicaPhysics:
         # Bytes per expert the busiest GPU touches (whole or a slice, as it holds them).
         self._expert_bytes_per_distinct = (m.num_moe_layers * m.expert_weight_bytes / expert_shards
                                            / max(1e-3, self.overheads.expert_bandwidth_fraction))
+        # vLLM's default fused-MoE config (no tuned file for the local shape) streams the expert weights slower once a
+        # step has more tokens than local experts, until its tiles are full (DEFAULT_CONFIG_TILE_TOKENS per expert).
+        self.default_moe_config = default_moe_config and m.is_moe
+        self._default_config_tokens = (m.num_experts / self.ep_ranks,
+                                       DEFAULT_CONFIG_TILE_TOKENS * m.num_experts / max(1, m.experts_per_token))
+        self._expert_bytes_default_config = self._expert_bytes_per_distinct * self.overheads.default_moe_config_slowdown
         # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;
         # MLA's latent cache is not split), sequences split over DP.
         kv_shards = 1 if m.kv_latent else min(tp, m.num_kv_heads)
@@ -255,6 +268,16 @@ class ReplicaPhysics:
             self._busiest_cache[num_tokens] = d
         return d
 
+    def expert_bytes_per_touched(self, num_tokens: int) -> float:
+        """HBM bytes streamed, at the achieved rate, per expert the busiest GPU touches in a step of ``num_tokens``
+        tokens: its weights over every MoE layer (a slice under tensor parallelism), scaled up by the fused-MoE
+        kernels' bandwidth shortfall, and by ``default_moe_config_slowdown`` where vLLM's default config runs
+        partly empty 64-token tiles (more tokens than local experts, fewer than 64 per expert)."""
+        lo, hi = self._default_config_tokens
+        if self.default_moe_config and lo < num_tokens < hi:
+            return self._expert_bytes_default_config
+        return self._expert_bytes_per_distinct
+
     def padded_expert_rows(self, num_tokens: int, distinct: float) -> float:
         """Token rows the fused-MoE GEMMs compute per MoE layer: whole tiles for every touched expert.
 
@@ -289,7 +312,7 @@ class ReplicaPhysics:
             expert_flops = (self._expert_flops_per_row * self.padded_expert_rows(num_tokens, distinct)
                             * busiest_rank_factor(num_tokens, self.model.experts_per_token, self.ep_ranks))
             touched = self.busiest_gpu_experts(num_tokens)
-            mem += self._expert_bytes_per_distinct * touched
+            mem += self.expert_bytes_per_touched(num_tokens) * touched
             latency += self._expert_latency_per_distinct * touched
         comm = (self._allreduce_s_per_token + self._alltoall_s_per_token) * num_tokens + self._collective_latency_s
         o = self.overheads

@@ -178,6 +178,11 @@ class EngineConfig(_Model):
         None, ge=0, description="Largest step, in tokens, replayed as a captured CUDA graph; a larger step launches "
                                 "its kernels one by one from the host (eager). None: vLLM's default, "
                                 "min(2 x max_num_seqs, 512); 0: no graphs (enforce_eager).")
+    fused_moe_config: Literal["auto", "tuned", "default"] = Field(
+        "auto", description="MoE models: the fused-MoE kernel configuration vLLM runs the experts with. tuned: a "
+                            "tuned file for the layer's shape on this GPU; default: none (vLLM logs 'Using default "
+                            "MoE config'), its partly empty tiles stream expert weights slower; auto: as the catalog "
+                            "knows vLLM's tuned files (sim/catalog/fused_moe.py).")
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

@@ -28,6 +28,7 @@ from sim.calibrate import (
     held_out_errors,
     mape,
     predict_rows,
+    runs_default_config,
     with_params,
     write_calibration,
 )
@@ -664,18 +665,16 @@ def test_mlenergy_leave_one_model_out():
             worst[k] = max(worst.get(k, 0.0), v)
     print(f"worst: {worst}")
     # Each held-out model predicted from its config alone: the targets (12 / 12 / 15 %) hold for every figure but
-    # the misses the README lists, and those stay within the bounds guarded here.
-    misses = {("llama-3.1-70b", "throughput_tokens_per_s"), ("llama-3.1-8b", "power_w_per_gpu"),
-              ("qwen3-235b-a22b", "throughput_tokens_per_s"),
-              ("qwen3-30b-a3b", "throughput_tokens_per_s"), ("qwen3-30b-a3b", "itl_median_s")}
+    # the two misses the README lists (Llama-3.1-70B's throughput, ~13 %, met with a measured GEMM efficiency,
+    # below; Llama-3.1-8B's power, ~17 %), and those stay within the bounds guarded here.
+    misses = {("llama-3.1-70b", "throughput_tokens_per_s"), ("llama-3.1-8b", "power_w_per_gpu")}
     targets = {"throughput_tokens_per_s": 12.0, "power_w_per_gpu": 12.0, "itl_median_s": 15.0}
     for fold in folds:
         for metric, target in targets.items():
             if (fold.held_out[0], metric) not in misses:
                 assert fold.mape[metric] <= target, (fold.held_out[0], metric, fold.mape[metric])
-    assert worst["throughput_tokens_per_s"] <= 25.0
+    assert worst["throughput_tokens_per_s"] <= 15.0
     assert worst["power_w_per_gpu"] <= 20.0
-    assert worst["itl_median_s"] <= 35.0
 
 
 # The dense GEMM efficiency of an H100 SXM as a microbenchmark measures it: cuBLAS's FP16 tensor-core GEMM at
@@ -779,7 +778,19 @@ def test_a_tiny_or_dense_table_is_refused_or_holds_what_it_cannot_place():
     result = fit(normalise(rows, "t.csv"), "h100-sxm", max_evals=30)
     assert set(result.held) == {"voltage_floor", "voltage_knee", "host_power_share", "moe_tile_tokens",
                                 "expert_bandwidth_fraction", "expert_latency_s", "expert_gemm_half_dim",
-                                "expert_compute_fraction"}
+                                "expert_compute_fraction", "default_moe_config_slowdown"}
+    assert result.engine.default_moe_config_slowdown == EngineOverheads().default_moe_config_slowdown
+
+
+def test_the_default_fused_moe_config_slowdown_is_fitted_only_on_rows_that_run_it():
+    # On the H100 rows only Qwen3-235B-A22B (16 whole experts per GPU) runs vLLM's default fused-MoE config; held
+    # out, the fit cannot place the slowdown and keeps the kernel benchmark's 1.26 for its prediction.
+    t = mlenergy_h100()
+    assert runs_default_config(t)
+    assert not runs_default_config(t[t["model"] != "qwen3-235b-a22b"])
+    a100 = pals()
+    assert runs_default_config(a100)
+    assert not runs_default_config(a100[a100["model"] == "mixtral-8x7b"])
 
 
 def test_measured_parameters_are_held_exactly_and_reported_as_measured(tmp_path):

@@ -97,8 +97,8 @@ def test_lower_cap_means_lower_clock():
 def test_governor_finds_the_highest_clock_within_the_cap(tokens, decode, k, growth, gpu, cap_share, launch):
     """The governor's clock search against plain bisection: the clock it returns keeps every iteration of the
     stretch within the cap and is the highest such clock to 1e-5 of the clock range, 0.02 MHz (bisection runs
-    60 halvings; the search may stop a milliwatt below the cap, where the power curve is flattest). Steps past
-    the CUDA-graph limit may sit at their launch floor for some iterations (``launch`` per layer)."""
+    60 halvings), or draws within a milliwatt of the cap (where it stops early, the power curve being flattest).
+    Steps past the CUDA-graph limit may sit at their launch floor for some iterations (``launch`` per layer)."""
     spec = GPUS[gpu]
     phys = ReplicaPhysics(load_model("mixtral-8x7b"), spec, Parallelism(tensor=2),
                           EngineOverheads(eager_launch_s=launch), cuda_graph_max_tokens=64)
@@ -120,7 +120,9 @@ def test_governor_finds_the_highest_clock_within_the_cap(tokens, decode, k, grow
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if peak(mid) <= cap else (lo, mid)
     assert peak(f) <= cap
-    assert f == pytest.approx(lo, abs=1e-5)
+    # The highest clock within the cap, or one whose peak is within a milliwatt of the cap: where a step sits at its
+    # launch floor, power barely moves with the clock (~11 W per unit of clock fraction), and a milliwatt is 1e-4.
+    assert f == pytest.approx(lo, abs=1e-5) or cap - peak(f) <= CAP_TOLERANCE_W
 
 
 @pytest.mark.parametrize("gpu", sorted(GPUS))
@@ -213,6 +215,56 @@ def test_expert_latency_is_per_output_column_of_the_touched_experts():
         extra = with_lat.step_work(16, 16, 16, 0, 0).latency_s - without.step_work(16, 16, 16, 0, 0).latency_s
         columns = 2 * width + m.hidden_size
         assert extra == pytest.approx(m.num_moe_layers * with_lat.busiest_gpu_experts(16) * lam * columns / 1024)
+
+
+def test_default_fused_moe_config_streams_expert_weights_slower_until_its_tiles_fill():
+    # Qwen3-235B-A22B with experts spread over 8 H100s: 16 local experts, top-8 of 128. vLLM's default config pads
+    # 64-token tiles once a step has more tokens than local experts (> 16), and they fill at 64 tokens per expert
+    # (64 x 128 / 8 = 1,024 tokens): in between, and only there, the expert weights stream 1.26x slower.
+    m = load_model("qwen3-235b-a22b")
+    par = Parallelism(tensor=8, expert=True)
+    engine = EngineOverheads(default_moe_config_slowdown=1.26)
+    tuned = ReplicaPhysics(m, GPUS["h100-sxm"], par, engine)
+    default = ReplicaPhysics(m, GPUS["h100-sxm"], par, engine, default_moe_config=True)
+    for tokens in (1, 8, 16, 17, 64, 256, 1023, 1024, 4096):
+        a, b = tuned.step_work(tokens, tokens, tokens, 0, 0), default.step_work(tokens, tokens, tokens, 0, 0)
+        expert_s = tuned.busiest_gpu_experts(tokens) * m.num_moe_layers * m.expert_weight_bytes / tuned._bw
+        slowed = 16 < tokens < 1024
+        assert b.memory_s - a.memory_s == pytest.approx(0.26 * expert_s if slowed else 0.0, abs=1e-15), tokens
+        assert (b.compute_s, b.latency_s, b.fixed_s) == (a.compute_s, a.latency_s, a.fixed_s)
+    # A dense model has no experts to slow.
+    dense = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism(), engine, default_moe_config=True)
+    assert not dense.default_moe_config
+
+
+def test_the_catalog_knows_which_layouts_run_vllms_default_fused_moe_config():
+    from sim.catalog.fused_moe import local_moe_shape, runs_default_moe_config
+
+    q235, q30 = load_model("qwen3-235b-a22b"), load_model("qwen3-30b-a3b")
+    assert local_moe_shape(q235, 8, expert=True) == (16, 1536)
+    assert local_moe_shape(q235, 8) == (128, 192)
+    assert local_moe_shape(q235, 2, 2, expert=True) == (32, 1536)
+    # No tuned file for 16 whole experts per H100; TP8 slices (E=128, N=192) have one.
+    assert runs_default_moe_config(q235, "h100-sxm", 8, expert=True)
+    assert not runs_default_moe_config(q235, "h100-sxm", 8)
+    assert not runs_default_moe_config(q30, "h100-sxm", 1)
+    assert runs_default_moe_config(q30, "b200", 1)
+    # PALS's small-expert models under TP4 on the A100 run the default; Mixtral's shape is tuned.
+    for name in ("deepseek-moe-16b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b"):
+        assert runs_default_moe_config(load_model(name), "a100-sxm4-80gb", 4), name
+    assert not runs_default_moe_config(load_model("mixtral-8x7b"), "a100-sxm4-80gb", 4)
+    assert not runs_default_moe_config(load_model("llama-3.1-70b"), "a100-sxm4-80gb", 4)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("auto", True), ("tuned", False), ("default", True)])
+def test_a_scenario_can_say_which_fused_moe_config_its_engine_runs(setting, expected):
+    sc = tiny({"kind": "poisson", "rate_per_s": 1, "prompt_tokens": 100, "output_tokens": 10},
+              model="qwen3-235b-a22b", parallelism={"tensor": 8, "expert": True},
+              engine={"fused_moe_config": setting})
+    assert build_physics(sc, sc.deployments[0]).default_moe_config is expected
+    tp8 = tiny({"kind": "poisson", "rate_per_s": 1, "prompt_tokens": 100, "output_tokens": 10},
+               model="qwen3-235b-a22b", tensor=8, engine={"fused_moe_config": setting})
+    assert build_physics(tp8, tp8.deployments[0]).default_moe_config is (setting == "default")
 
 
 def test_busiest_rank_factor_grows_with_ranks_and_shrinks_with_tokens():

@@ -65,10 +65,10 @@ def build_physics(scenario: Scenario, dep: DeploymentConfig, gpu: GpuSpec | None
                                  f"{model.num_experts}")
     return ReplicaPhysics(model, gpu, par, engine_overheads(dep, gpu.name), popularity,
                           cuda_graph_max_tokens=cuda_graph_max_tokens(dep.engine),
-                          default_moe_config=default_moe_config(dep, model, gpu.name))
+                          default_moe_config=deployment_runs_default_moe_config(dep, model, gpu.name))
 
 
-def default_moe_config(dep: DeploymentConfig, model: ModelSpec, gpu_name: str) -> bool:
+def deployment_runs_default_moe_config(dep: DeploymentConfig, model: ModelSpec, gpu_name: str) -> bool:
     """Whether the deployment's experts run vLLM's default fused-MoE config: its setting, else the catalog's
     knowledge of vLLM's tuned files."""
     setting = dep.engine.fused_moe_config

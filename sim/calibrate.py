@@ -130,7 +130,7 @@ def has_capped_rows(rows: pd.DataFrame) -> bool:
     return bool((rows["power_cap_w"] < defaults - 1.0).any())
 
 
-def runs_default_config(rows: pd.DataFrame) -> bool:
+def any_row_runs_default_moe_config(rows: pd.DataFrame) -> bool:
     """Whether any row's deployment runs vLLM's default fused-MoE config (``sim.catalog.fused_moe``)."""
     for r in rows.drop_duplicates(["gpu", "model", "tensor_parallel", "expert_parallel"]).itertuples(index=False):
         par, _ = parallelism(r)
@@ -222,7 +222,7 @@ def fit(table: pd.DataFrame, gpu_name: str, start: tuple[GpuSpec, EngineOverhead
     prior = PRIOR_WEIGHT * math.sqrt(len(rows))
     capped = has_capped_rows(rows)
     moe = any(load_model(m).is_moe for m in set(rows["model"]))
-    default_config = runs_default_config(rows)
+    default_config = any_row_runs_default_moe_config(rows)
     free = np.array([(capped or p.name not in CAP_ONLY_PARAMS) and (moe or p.name not in MOE_ONLY_PARAMS)
                      and (default_config or p.name not in DEFAULT_CONFIG_PARAMS) for p in PARAMS])
     free &= np.array([p.name not in measured for p in PARAMS])

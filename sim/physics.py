@@ -97,7 +97,9 @@ class EngineOverheads:
     the GPU part of such a step takes at least that long. ``default_moe_config_slowdown`` is how much slower
     the fused-MoE kernels stream expert weights when vLLM runs them with its default config instead of a tuned
     one, while the step's tokens exceed the local experts and the default's 64-token tiles are not yet full (see
-    ``sim.catalog.fused_moe``; 1.26: vLLM PR #37814's kernel benchmark at 32 tokens on 16 local experts).
+    ``sim.catalog.fused_moe``; 1.26: vLLM PR #37814's kernel benchmark at 32 tokens on 16 local experts). Like
+    ``expert_bandwidth_fraction`` it scales the expert stream's time, and with it the HBM energy the stream is
+    charged (memory power over the stream's time): the SMs keep issuing loads for as long as it lasts.
     """
 
     step_s: float = 0.002
@@ -208,7 +210,7 @@ class ReplicaPhysics:
         # vLLM's default fused-MoE config (no tuned file for the local shape) streams the expert weights slower once a
         # step has more tokens than local experts, until its tiles are full (DEFAULT_CONFIG_TILE_TOKENS per expert).
         self.default_moe_config = default_moe_config and m.is_moe
-        self._default_config_tokens = (m.num_experts / self.ep_ranks,
+        self._default_config_tokens = (-(-m.num_experts // self.ep_ranks),  # the busiest rank's local experts
                                        DEFAULT_CONFIG_TILE_TOKENS * m.num_experts / max(1, m.experts_per_token))
         self._expert_bytes_default_config = self._expert_bytes_per_distinct * self.overheads.default_moe_config_slowdown
         # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;

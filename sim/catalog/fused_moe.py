@@ -13,7 +13,8 @@ expert weight stream (see ``sim.physics``).
 ``DEFAULT_CONFIG_SHAPES`` lists, per catalog GPU, the bf16 local shapes of catalog models for which vLLM's
 ``fused_moe/configs`` folder held no tuned file in v0.11 (checked by file name): expert-parallel layouts of
 Qwen3-235B-A22B, the small-expert models under TP4 on the A100, Qwen3-30B-A3B on one B200 (its file arrived in
-December 2025). Every other shape is taken as tuned; a scenario can say otherwise (``engine.fused_moe_config``).
+December 2025, vLLM PR #31448). Every other shape is taken as tuned; a scenario can say otherwise
+(``engine.fused_moe_config``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DEFAULT_CONFIG_TILE_TOKENS = 64
 DEFAULT_CONFIG_SHAPES: dict[str, frozenset[tuple[int, int]]] = {
     # DeepSeek-MoE-16B, Qwen1.5-MoE-A2.7B (1408 / 4) and OLMoE (1024 / 4) under TP4, as PALS ran them.
     "a100-sxm4-80gb": frozenset({(64, 352), (60, 352), (64, 256)}),
-    "a100-sxm4-40gb": frozenset({(64, 352), (60, 352), (64, 256)}),
+    "a100-sxm4-40gb": frozenset({(64, 352), (60, 352), (64, 256)}),  # checked for this device name too
     # Qwen3-235B-A22B with expert parallelism over 8 and 4 GPUs (16 or 32 whole 1,536-wide experts per GPU).
     "h100-sxm": frozenset({(16, 1536), (32, 1536)}),
     "h200": frozenset({(16, 1536), (32, 1536)}),
@@ -36,10 +37,11 @@ DEFAULT_CONFIG_SHAPES: dict[str, frozenset[tuple[int, int]]] = {
 
 
 def local_moe_shape(model: ModelSpec, tensor: int, data: int = 1, expert: bool = False) -> tuple[int, int]:
-    """``(E, N)`` of one GPU's fused-MoE layer: whole experts spread over the ``tensor x data`` ranks under expert
-    parallelism, else every expert sliced ``tensor`` ways (data-parallel ranks hold copies)."""
+    """``(E, N)`` of the busiest GPU's fused-MoE layer: under expert parallelism whole experts spread over the
+    ``tensor x data`` ranks (the first ranks take one more where they do not divide evenly), else every expert
+    sliced ``tensor`` ways (a scenario has data-parallel ranks only with expert parallelism)."""
     if expert:
-        return model.num_experts // max(1, tensor * data), model.expert_intermediate_size
+        return -(-model.num_experts // max(1, tensor * data)), model.expert_intermediate_size
     return model.num_experts, model.expert_intermediate_size // max(1, tensor)
 
 

@@ -318,6 +318,11 @@ with restored_power_limits(gpus):
 """
 
 
+def _default_signal_dispositions() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, -signal.SIGINT),
                                              (signal.SIGHUP, 128 + signal.SIGHUP),  # the SSH session closed
                                              (signal.SIGQUIT, 128 + signal.SIGQUIT)],
@@ -327,8 +332,12 @@ def test_signal_to_a_child_restores_limits(tmp_path: Path, sig: signal.Signals, 
     limits.write_text(json.dumps([700.0, 450.0]))
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD))
+    # The child starts as from a terminal, whatever started the tests: a signal ignored by the launcher (SIGHUP under
+    # nohup, SIGINT and SIGQUIT in a shell's background job) stays ignored in a child, and the guard rightly leaves
+    # an ignored signal alone (the program goes on), so it is reset to its default first.
     child = subprocess.Popen([sys.executable, str(script), str(limits)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             preexec_fn=_default_signal_dispositions)
     assert child.stdout is not None and child.stdout.readline().strip() == "capped"
     assert json.loads(limits.read_text()) == [150.0, 150.0]
     child.send_signal(sig)

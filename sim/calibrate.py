@@ -26,12 +26,11 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 from sim.catalog.calibration import CALIBRATION_DIR
-from sim.catalog.fused_moe import runs_default_moe_config
 from sim.catalog.gpus import GpuSpec, datasheet_gpu
 from sim.catalog.models import load_model
 from sim.errors import PalsError
 from sim.io import write_json_atomic
-from sim.operating_point import RowPrediction, analytic_row, parallelism, row_physics
+from sim.operating_point import RowPrediction, analytic_row, row_physics, row_runs_default_moe_config
 from sim.physics import EngineOverheads
 
 PRIOR_WEIGHT = 0.02  # per parameter, in units of its range, relative to one row's log-error
@@ -132,11 +131,8 @@ def has_capped_rows(rows: pd.DataFrame) -> bool:
 
 def any_row_runs_default_moe_config(rows: pd.DataFrame) -> bool:
     """Whether any row's deployment runs vLLM's default fused-MoE config (``sim.catalog.fused_moe``)."""
-    for r in rows.drop_duplicates(["gpu", "model", "tensor_parallel", "expert_parallel"]).itertuples(index=False):
-        par, _ = parallelism(r)
-        if runs_default_moe_config(load_model(r.model), r.gpu, par.tensor, par.data, par.expert):
-            return True
-    return False
+    layouts = rows.drop_duplicates(["gpu", "model", "tensor_parallel", "expert_parallel"])
+    return any(row_runs_default_moe_config(r, r.gpu) for r in layouts.itertuples(index=False))
 
 
 def _bounds(gpu: GpuSpec) -> tuple[np.ndarray, np.ndarray]:

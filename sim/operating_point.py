@@ -17,7 +17,7 @@ from typing import Any
 from sim.catalog.calibration import engine_params
 from sim.catalog.fused_moe import runs_default_moe_config
 from sim.catalog.gpus import GpuSpec, get_gpu
-from sim.catalog.models import load_model
+from sim.catalog.models import ModelSpec, load_model
 from sim.control.models import PhysicsModel
 from sim.engine import kv_capacity_tokens
 from sim.metrics import mean_utilization
@@ -88,7 +88,14 @@ def row_physics(row: Any, gpu: GpuSpec | None = None, overheads: EngineOverheads
     par, _ = parallelism(row)
     model = load_model(row.model)
     return ReplicaPhysics(model, gpu, par, overheads, cuda_graph_max_tokens=cuda_graph_tokens(row),
-                          default_moe_config=runs_default_moe_config(model, gpu.name, par.tensor, par.data, par.expert))
+                          default_moe_config=row_runs_default_moe_config(row, gpu.name, model))
+
+
+def row_runs_default_moe_config(row: Any, gpu_name: str, model: ModelSpec | None = None) -> bool:
+    """Whether the row's deployment, on ``gpu_name``, runs vLLM's default fused-MoE config
+    (``sim.catalog.fused_moe``); ``model``: the row's, if already loaded."""
+    par, _ = parallelism(row)
+    return runs_default_moe_config(model or load_model(row.model), gpu_name, par.tensor, par.data, par.expert)
 
 
 def analytic_row(row: Any, phys: ReplicaPhysics) -> RowPrediction:

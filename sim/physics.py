@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sim.catalog.fused_moe import DEFAULT_CONFIG_TILE_TOKENS
+from sim.catalog.fused_moe import DEFAULT_CONFIG_TILE_TOKENS, local_moe_shape
 from sim.catalog.gpus import GpuSpec
 from sim.catalog.models import ModelSpec
 from sim.routing import ExpertPopularity, busiest_rank_factor
@@ -210,7 +210,7 @@ class ReplicaPhysics:
         # vLLM's default fused-MoE config (no tuned file for the local shape) streams the expert weights slower once a
         # step has more tokens than local experts, until its tiles are full (DEFAULT_CONFIG_TILE_TOKENS per expert).
         self.default_moe_config = default_moe_config and m.is_moe
-        self._default_config_tokens = (-(-m.num_experts // self.ep_ranks),  # the busiest rank's local experts
+        self._default_config_tokens = (local_moe_shape(m, tp, dp, parallelism.expert)[0],  # busiest rank's experts
                                        DEFAULT_CONFIG_TILE_TOKENS * m.num_experts / max(1, m.experts_per_token))
         self._expert_bytes_default_config = self._expert_bytes_per_distinct * self.overheads.default_moe_config_slowdown
         # KV bytes per cached token, per GPU: KV heads split over TP (replicated beyond the KV head count;

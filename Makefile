@@ -35,7 +35,8 @@ calibrate: setup
 	$(VENV)/bin/pals profile import argonne $(SHARED_DATA)/argonne/power_results.csv --out runs/profiles/arg.csv
 	$(VENV)/bin/pals calibrate runs/profiles/pals.csv runs/profiles/arg.csv --gpu a100-sxm4-80gb \
 		--applies-to a100-sxm4-40gb
-	$(VENV)/bin/pals calibrate runs/profiles/mle.csv runs/profiles/arg.csv --gpu h100-sxm
+	$(VENV)/bin/pals calibrate runs/profiles/mle.csv runs/profiles/arg.csv --gpu h100-sxm \
+		--measured compute_efficiency=0.77
 	$(VENV)/bin/pals calibrate runs/profiles/mle.csv --gpu b200
 
 clean:

@@ -18,7 +18,12 @@ context. Per GPU of a replica (the busiest rank under expert parallelism) its pa
 * kernel launches: vLLM replays a step of at most ``cuda_graph_max_tokens`` tokens as a captured CUDA graph;
   a larger step runs eagerly, its kernels launched one by one from the host at ``eager_launch_s`` per layer.
 
-Compute and memory overlap (roofline: the larger wins); kernel latency adds to them. An eager step's GPU part
+Within a kernel compute and memory overlap (roofline: the larger wins), but a step's kernels run one after
+another: the GEMMs stream the weights while they compute, and attention, a kernel of its own, reads the KV
+cache, memory-bound in decode (a few FLOPs per byte), after them. So the step's roofline is
+``max(C/f + K/g, M/g)`` (``K``, the KV bytes' time, is part of ``M``): the GEMMs' roofline plus the KV read.
+Held out on the ML.ENERGY H100 rows, a single ``max(C/f, M/g)`` that hid the KV read under the GEMMs' compute
+put Llama-3.1-70B's batches of 512-1,024 sequences 23-31 % slow. Kernel latency adds to them. An eager step's GPU part
 lasts at least its launch time (the GPU cannot run ahead of the host that feeds it); communication and host
 overhead add.
 
@@ -118,11 +123,12 @@ class EngineOverheads:
 class StepWork(NamedTuple):
     """Clock-independent description of one step on the busiest GPU.
 
-    ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the first two overlap, the
-    third adds and scales with ``1 / clock``); ``fixed_s`` is communication plus host time; ``kv_s`` is the
-    part of ``memory_s`` that reads the KV cache; ``launch_s`` is the host time to launch an eager step's
-    kernels (0 for a step replayed as a CUDA graph), a floor under the GPU part of the step; ``host_s`` is the
-    host part of ``fixed_s`` (scheduling, per-sequence and per-request work), during which no kernel runs.
+    ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the GPU part of a step is
+    ``max(compute_s + kv_s, memory_s)`` plus ``latency_s``, which scales with ``1 / clock``); ``fixed_s`` is
+    communication plus host time; ``kv_s`` is the part of ``memory_s`` that reads the KV cache; ``launch_s`` is
+    the host time to launch an eager step's kernels (0 for a step replayed as a CUDA graph), a floor under the
+    GPU part of the step; ``host_s`` is the host part of ``fixed_s`` (scheduling, per-sequence and per-request
+    work), during which no kernel runs.
     """
 
     compute_s: float
@@ -338,7 +344,8 @@ class ReplicaPhysics:
 
     def step_time_s(self, w: StepWork, f: float) -> float:
         """Duration of a step at clock fraction ``f``."""
-        gpu_s = max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f
+        s = self.memory_speed(f)
+        gpu_s = max(w.compute_s / f + w.kv_s / s, w.memory_s / s) + w.latency_s / f
         return (gpu_s if gpu_s > w.launch_s else w.launch_s) + w.fixed_s
 
     def step_busy_s(self, w: StepWork, f: float, t: float | None = None) -> float:
@@ -347,7 +354,8 @@ class ReplicaPhysics:
         launches. This is what NVML's utilization counts (the share of time one or more kernels execute)."""
         if t is None:
             t = self.step_time_s(w, f)
-        gpu_s = max(w.compute_s / f, w.memory_s / self.memory_speed(f)) + w.latency_s / f
+        s = self.memory_speed(f)
+        gpu_s = max(w.compute_s / f + w.kv_s / s, w.memory_s / s) + w.latency_s / f
         return t - w.host_s - (w.launch_s - gpu_s if w.launch_s > gpu_s else 0.0)
 
     def step_energy_j(self, w: StepWork, f: float, t: float | None = None) -> float:
@@ -385,14 +393,15 @@ class ReplicaPhysics:
         js = [0] if k <= 1 else [0, k - 1]
         s = self.memory_speed(f)
         lat_s = lat / f
+        # The two roofline lines: compute plus the KV read, and all HBM traffic (see ``step_time_s``).
+        a1, b1, a2, b2 = c0 / f + kv0 / s, c1 / f + m1 / s, m0 / s, m1 / s
         if k > 2:
-            denom = m1 / s - c1 / f
-            if denom != 0.0:
-                jx = (c0 / f - m0 / s) / denom
+            if b1 != b2:
+                jx = (a1 - a2) / (b2 - b1)
                 if 0.0 < jx < k - 1:
                     js += [math.floor(jx), math.ceil(jx)]
             if launch > 0.0:
-                jl = _floor_iterations(c0 / f + lat_s, c1 / f, m0 / s + lat_s, m1 / s, launch, k)
+                jl = _floor_iterations(a1 + lat_s, b1, a2 + lat_s, b2, launch, k)
                 if 0 < jl < k:
                     js += [jl - 1, jl]
         # ``step_power_w`` of each candidate iteration, inlined with the same operations in the same order.
@@ -407,7 +416,7 @@ class ReplicaPhysics:
         peak = -math.inf
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
-            t = max(c / f, m / s) + lat_s
+            t = max(a1 + b1 * j, a2 + b2 * j) + lat_s
             t = (t if t > launch else launch) + x
             p = (t * base_w + host_e + compute_w * c + memory_w * m + kv_w * (kv0 + m1 * j)) / t
             if p > peak:
@@ -426,18 +435,20 @@ class ReplicaPhysics:
         p_full, p_c, p_m, p_kv = self._p_full, self._p_compute, self._p_memory, self._p_kv
         host_e = host * self._host_minus_base_w
         js = [0] if k <= 1 else [0, k - 1]
+        a1, b1 = c0 + kv0, c1 + m1  # compute plus the KV read (see ``step_time_s``); all HBM traffic: m0, m1
         if k > 2:
-            if m1 != c1:
-                jx = (c0 - m0) / (m1 - c1)
+            if c1 != 0.0:
+                jx = (a1 - m0) / (m1 - b1)
                 if 0.0 < jx < k - 1:
                     js += [math.floor(jx), math.ceil(jx)]
             if launch > 0.0:
-                jl = _floor_iterations(c0 + lat, c1, m0 + lat, m1, launch, k)
+                jl = _floor_iterations(a1 + lat, b1, m0 + lat, m1, launch, k)
                 if 0 < jl < k:
                     js += [jl - 1, jl]
         for j in js:
             c, m = c0 + c1 * j, m0 + m1 * j
-            t = (c if c > m else m) + lat
+            t = a1 + b1 * j
+            t = (t if t > m else m) + lat
             t = (t if t > launch else launch) + x
             p_max_clock = p_full + (host_e + p_c * c + p_m * m + p_kv * (kv0 + m1 * j)) / t
             if p_max_clock > cap_w:
@@ -547,8 +558,9 @@ class Stretch:
     """``k`` engine iterations with a fixed composition at a fixed clock, in closed form.
 
     Iteration ``j`` (0-based) has compute time ``(c0 + c1·j)/f`` and memory time ``(m0 + m1·j)/g(f)``
-    (attention and KV reads grow by one token per sequence per iteration), the larger of them (raised to the
-    launch floor of an eager step, less the kernel latency), plus fixed time ``x``; its memory energy is
+    (attention and KV reads grow by one token per sequence per iteration), the larger of the memory time and
+    the compute time plus the KV read's (see ``ReplicaPhysics.step_time_s``; raised to the launch floor of an
+    eager step, less the kernel latency), plus fixed time ``x``; its memory energy is
     ``e0 + e1·j`` (weights and the starting KV cache, then the growing cache at the KV energy per byte). A
     prefill-carrying step is a stretch of one iteration with zero slopes.
     """
@@ -568,8 +580,9 @@ class Stretch:
         # Memory energy of iteration j: P_m·(m0 + m1·j) + P_kv·(kv0 + m1·j) (the slope is all KV cache).
         self._e_m0 = phys._p_memory * m0 + phys._p_kv * kv0
         self._e_m1 = (phys._p_memory + phys._p_kv) * m1
+        # Iteration j's roofline is the larger of two lines: compute plus the KV read, and all HBM traffic.
         if clock == 1.0:  # uncapped: the common case
-            self._a1, self._b1, self._a2, self._b2 = c0, c1, m0, m1
+            self._a1, self._b1, self._a2, self._b2 = c0 + kv0, c1 + m1, m0, m1
             self._p_static = phys._p_full
             self._e_c = phys._p_compute
             self._e_h = host * phys._host_minus_base_w
@@ -577,7 +590,7 @@ class Stretch:
             g = phys.gpu
             s = phys.memory_speed(clock)
             v2 = voltage_squared(g, clock)
-            self._a1, self._b1 = c0 / clock, c1 / clock
+            self._a1, self._b1 = c0 / clock + kv0 / s, c1 / clock + m1 / s
             self._a2, self._b2 = m0 / s, m1 / s
             clocked_w = g.active_base_power_w * clock * v2
             self._p_static = g.idle_power_w + clocked_w

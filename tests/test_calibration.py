@@ -665,15 +665,13 @@ def test_mlenergy_leave_one_model_out():
             worst[k] = max(worst.get(k, 0.0), v)
     print(f"worst: {worst}")
     # Each held-out model predicted from its config alone: the targets (12 / 12 / 15 %) hold for every figure but
-    # the two misses the README lists (Llama-3.1-70B's throughput, ~13 %, met with a measured GEMM efficiency,
-    # below; Llama-3.1-8B's power, ~17 %), and those stay within the bounds guarded here.
-    misses = {("llama-3.1-70b", "throughput_tokens_per_s"), ("llama-3.1-8b", "power_w_per_gpu")}
+    # the miss the README lists (Llama-3.1-8B's power, ~17 %), which stays within the bound guarded here.
+    misses = {("llama-3.1-8b", "power_w_per_gpu")}
     targets = {"throughput_tokens_per_s": 12.0, "power_w_per_gpu": 12.0, "itl_median_s": 15.0}
     for fold in folds:
         for metric, target in targets.items():
             if (fold.held_out[0], metric) not in misses:
                 assert fold.mape[metric] <= target, (fold.held_out[0], metric, fold.mape[metric])
-    assert worst["throughput_tokens_per_s"] <= 15.0
     assert worst["power_w_per_gpu"] <= 20.0
 
 
@@ -684,10 +682,9 @@ H100_GEMM_EFFICIENCY = 0.77
 
 
 def test_llama_70b_held_out_with_a_measured_gemm_efficiency_meets_the_targets():
-    # Without Llama-3.1-70B the H100 rows hold no compute-heavy step (the other models serve chat on one or two
-    # GPUs, mostly decoding), so the fit places the GEMM efficiency loosely (~0.5 against ~0.76 with the 70B) and
-    # predicts the 70B's large batches 23-31 % slow. Held at the measured figure, the 70B is predicted from its
-    # config within the targets (any figure from 0.65 to 0.77 does: 6.6 / 8.3 / 6.1 % at 0.65).
+    # The committed H100 fit holds the GEMM efficiency at the measured figure (fitted on every H100 row it drifts
+    # to ~0.9, above what any GEMM reaches); held there without Llama-3.1-70B, the 70B is still predicted from
+    # its config within the targets (~8 / 4 / 6 %; ~6 / 5 / 6 % with the efficiency fitted, ~0.79).
     t = mlenergy_h100()
     others = sorted(set(t["model"]) - {"llama-3.1-70b"})
     (fold,) = held_out_errors(t, "h100-sxm", "model", others, measured={"compute_efficiency": H100_GEMM_EFFICIENCY})

@@ -322,6 +322,27 @@ def test_stretch_closed_forms_match_iteration_sums(c0, m0, x, c1, m1, f, k, frac
     assert laid == pytest.approx(times[:done], rel=1e-9, abs=1e-15)
 
 
+def test_attention_reads_the_kv_cache_after_the_gemms_not_under_their_compute():
+    """A step's kernels run in turn: the GEMMs' roofline (their FLOPs against the weights they stream), then
+    attention reading the KV cache. A compute-bound step lasts its compute plus its KV read; one whose HBM
+    traffic, weights and cache together, exceeds that lasts its traffic; the clock stretches the compute and,
+    below the knee, the memory time. Hand-made work: 2 ms of FLOPs, 1 ms of weights, 0.5 ms of KV."""
+    phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism(), EngineOverheads(step_s=0.0))
+    compute_bound = StepWork(compute_s=2e-3, memory_s=1.5e-3, fixed_s=0.0, kv_s=0.5e-3)
+    assert phys.step_time_s(compute_bound, 1.0) == pytest.approx(2.5e-3, rel=1e-12)  # not max(2, 1.5) = 2 ms
+    memory_bound = StepWork(compute_s=0.2e-3, memory_s=1.5e-3, fixed_s=0.0, kv_s=0.5e-3)
+    assert phys.step_time_s(memory_bound, 1.0) == pytest.approx(1.5e-3, rel=1e-12)
+    # At half the clock (above the memory knee, 0.5) the compute doubles, the KV read does not.
+    assert phys.step_time_s(compute_bound, 0.5) == pytest.approx(4.5e-3, rel=1e-12)
+    # A real decode step of Llama-3.1-8B, 256 sequences of 1,000 tokens: the KV read (33.5 GB at the achieved
+    # bandwidth) adds to the GEMMs' roofline, which is set by the larger of their FLOPs and the 16 GB of weights.
+    w = phys.step_work(256, 256, 256, 256 * 1000.0, 256 * 1000.0)
+    gemm_s = max(w.compute_s, w.memory_s - w.kv_s)
+    assert w.kv_s == pytest.approx(256 * 1000 * 131072 / (GPUS["h100-sxm"].hbm_bandwidth_bytes_per_s
+                                                          * GPUS["h100-sxm"].memory_efficiency), rel=1e-12)
+    assert phys.step_time_s(w, 1.0) == pytest.approx(gemm_s + w.kv_s + w.latency_s + w.fixed_s, rel=1e-12)
+
+
 def test_a_host_wait_draws_idle_plus_the_host_power_at_any_clock():
     """Energy = ∫ power dt over a step split by hand: kernels (and communication) draw idle + the clocked base
     power + the work's own energy; the host wait draws idle + the flat host-wait power, whatever the clock."""
@@ -371,11 +392,11 @@ def test_a_step_past_the_cuda_graph_limit_waits_for_its_kernel_launches():
     large = phys.step_work(16384, 1, 1, 16384 * 8192.0, 16384)
     assert graphed.launch_s == 0.0
     assert small.launch_s == large.launch_s == pytest.approx(32 * 1e-3, rel=1e-12)
-    gpu_part = max(small.compute_s, small.memory_s) + small.latency_s
+    gpu_part = max(small.compute_s + small.kv_s, small.memory_s) + small.latency_s
     assert gpu_part < 0.032
     assert phys.step_time_s(small, 1.0) == pytest.approx(0.032 + small.fixed_s, rel=1e-12)
     assert phys.step_time_s(large, 1.0) == pytest.approx(
-        max(large.compute_s, large.memory_s) + large.latency_s + large.fixed_s, rel=1e-12)
+        max(large.compute_s + large.kv_s, large.memory_s) + large.latency_s + large.fixed_s, rel=1e-12)
     assert phys.step_power_w(small, 1.0) < phys.step_power_w(small._replace(launch_s=0.0), 1.0)
 
 

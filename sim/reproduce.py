@@ -354,9 +354,9 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "- **Multi-node.** Our three simulated nodes draw ~4,000 W unconstrained (the paper's ~5,850 W), so "
               "the budget at the same tightness gives static an even share of ~180 W per GPU. There mixtral keeps "
               "about 66 % of its unconstrained throughput (closed form), above its 60 % target, and misses it "
-              "in about one window in fourteen as the Poisson load fluctuates; deepseek and olmoe keep all of "
-              "theirs at that share. The need split moves power to mixtral and cuts its misses to 0.4 % (taking "
-              "enough from deepseek that it misses in 0.7 %), and gains 3.9 % of system tokens/J rather than the "
+              "in about one window in thirteen as the Poisson load fluctuates; deepseek and olmoe keep all of "
+              "theirs at that share. The need split moves power to mixtral and cuts its misses to 0.2 % (taking "
+              "enough from deepseek that it misses in 0.6 %), and gains 3.8 % of system tokens/J rather than the "
               "paper's 12 %: the share static gives is already near the tokens/J optimum of the data "
               "(150-250 W).",
               "- **8xH100.** No measurement in `../shared/data` varies an H100's power limit: its fit "
@@ -364,8 +364,8 @@ def reproduction_markdown(r: dict[str, Any]) -> str:
               "is extrapolated (the voltage curve and the host-wait power stay at their first estimates, and the "
               "split of its draw between clocked base power and HBM traffic is loose): batch-64 chat serving "
               "(mixtral TP2, qwen3-30b-a3b, llama-3.1-8b; 300-token prompts on average, 350-token outputs, in "
-              "closed form) loses 10-13 % of its throughput at 400 W, 31-39 % at 300 W, 46-53 % at 250 W and "
-              "62-66 % at 200 W. Read the H100 gains below with that uncertainty.",
+              "closed form) loses 4-9 % of its throughput at 400 W, 22-33 % at 300 W, 40-48 % at 250 W and "
+              "57-62 % at 200 W. Read the H100 gains below with that uncertainty.",
               "- **Demand response.** In our physics the throughput-maximising configuration under any power "
               "budget is batch 64 at the highest cap the budget allows, which is exactly what the fixed-batch "
               "policy that tracks the budget runs; pals finds the same configuration, so it keeps no more "

@@ -23,9 +23,9 @@ another: the GEMMs stream the weights while they compute, and attention, a kerne
 cache, memory-bound in decode (a few FLOPs per byte), after them. So the step's roofline is
 ``max(C/f + K/g, M/g)`` (``K``, the KV bytes' time, is part of ``M``): the GEMMs' roofline plus the KV read.
 Held out on the ML.ENERGY H100 rows, a single ``max(C/f, M/g)`` that hid the KV read under the GEMMs' compute
-put Llama-3.1-70B's batches of 512-1,024 sequences 23-31 % slow. Kernel latency adds to them. An eager step's GPU part
-lasts at least its launch time (the GPU cannot run ahead of the host that feeds it); communication and host
-overhead add.
+put Llama-3.1-70B's batches of 512-1,024 sequences 23-31 % slow. Kernel latency adds to the roofline. An eager
+step's GPU part lasts at least its launch time (the GPU cannot run ahead of the host that feeds it);
+communication and host overhead add.
 
 Energy per step: ``t·(P_idle + P_base·f·v²) + P_c·v²·C/(peak·eff_c) + P_m·M/(bw·eff_m) + P_kv·K/(bw·eff_m)``:
 a static part over the step, energy per FLOP growing with the square of the core voltage ``v(f)`` (DVFS:
@@ -123,12 +123,12 @@ class EngineOverheads:
 class StepWork(NamedTuple):
     """Clock-independent description of one step on the busiest GPU.
 
-    ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (the GPU part of a step is
-    ``max(compute_s + kv_s, memory_s)`` plus ``latency_s``, which scales with ``1 / clock``); ``fixed_s`` is
-    communication plus host time; ``kv_s`` is the part of ``memory_s`` that reads the KV cache; ``launch_s`` is
-    the host time to launch an eager step's kernels (0 for a step replayed as a CUDA graph), a floor under the
-    GPU part of the step; ``host_s`` is the host part of ``fixed_s`` (scheduling, per-sequence and per-request
-    work), during which no kernel runs.
+    ``compute_s``, ``memory_s`` and ``latency_s`` are times at the max clock (there the GPU part of a step is
+    ``max(compute_s + kv_s, memory_s) + latency_s``; ``ReplicaPhysics.step_time_s`` gives it at any clock);
+    ``fixed_s`` is communication plus host time; ``kv_s`` is the part of ``memory_s`` that reads the KV cache;
+    ``launch_s`` is the host time to launch an eager step's kernels (0 for a step replayed as a CUDA graph), a
+    floor under the GPU part of the step; ``host_s`` is the host part of ``fixed_s`` (scheduling, per-sequence
+    and per-request work), during which no kernel runs.
     """
 
     compute_s: float
@@ -404,7 +404,7 @@ class ReplicaPhysics:
                 jl = _floor_iterations(a1 + lat_s, b1, a2 + lat_s, b2, launch, k)
                 if 0 < jl < k:
                     js += [jl - 1, jl]
-        # ``step_power_w`` of each candidate iteration, inlined with the same operations in the same order.
+        # ``step_power_w`` of each candidate iteration, inlined (the same terms; the roofline from its two lines).
         g = self.gpu
         v2 = voltage_squared(g, f)
         clocked_w = g.active_base_power_w * f * v2
@@ -437,7 +437,7 @@ class ReplicaPhysics:
         js = [0] if k <= 1 else [0, k - 1]
         a1, b1 = c0 + kv0, c1 + m1  # compute plus the KV read (see ``step_time_s``); all HBM traffic: m0, m1
         if k > 2:
-            if c1 != 0.0:
+            if b1 != m1:
                 jx = (a1 - m0) / (m1 - b1)
                 if 0.0 < jx < k - 1:
                     js += [math.floor(jx), math.ceil(jx)]
@@ -572,7 +572,7 @@ class Stretch:
                  iterations: int) -> None:
         c0, m0, x, lat, kv0, launch, host = work0
         x += lat / clock
-        floor = launch - lat / clock  # the launch floor under the larger of compute and memory time
+        floor = launch - lat / clock  # the launch floor under the larger of the two roofline lines
         self.c0, self.c1, self.m0, self.m1, self.x = c0, c1, m0, m1, x
         self.clock = clock
         self.iterations = iterations

@@ -332,15 +332,54 @@ def test_attention_reads_the_kv_cache_after_the_gemms_not_under_their_compute():
     assert phys.step_time_s(compute_bound, 1.0) == pytest.approx(2.5e-3, rel=1e-12)  # not max(2, 1.5) = 2 ms
     memory_bound = StepWork(compute_s=0.2e-3, memory_s=1.5e-3, fixed_s=0.0, kv_s=0.5e-3)
     assert phys.step_time_s(memory_bound, 1.0) == pytest.approx(1.5e-3, rel=1e-12)
-    # At half the clock (above the memory knee, 0.5) the compute doubles, the KV read does not.
+    # At half the clock (at the memory knee, 0.5: HBM still at full speed) the compute doubles, the KV read does not.
     assert phys.step_time_s(compute_bound, 0.5) == pytest.approx(4.5e-3, rel=1e-12)
-    # A real decode step of Llama-3.1-8B, 256 sequences of 1,000 tokens: the KV read (33.5 GB at the achieved
-    # bandwidth) adds to the GEMMs' roofline, which is set by the larger of their FLOPs and the 16 GB of weights.
-    w = phys.step_work(256, 256, 256, 256 * 1000.0, 256 * 1000.0)
-    gemm_s = max(w.compute_s, w.memory_s - w.kv_s)
-    assert w.kv_s == pytest.approx(256 * 1000 * 131072 / (GPUS["h100-sxm"].hbm_bandwidth_bytes_per_s
-                                                          * GPUS["h100-sxm"].memory_efficiency), rel=1e-12)
-    assert phys.step_time_s(w, 1.0) == pytest.approx(gemm_s + w.kv_s + w.latency_s + w.fixed_s, rel=1e-12)
+    # A real decode step of Llama-3.1-8B, 512 sequences of 500 tokens: its GEMMs are compute-bound (512 x 14
+    # GFLOP against 15 GB of weights), and the KV read, 33.5 GB (32 layers x 8 KV heads x 128 x K and V x 2 bytes
+    # a token), comes on top, where one maximum over all the work would hide it under the compute.
+    gpu = GPUS["h100-sxm"]
+    w = phys.step_work(512, 512, 512, 512 * 500.0, 512 * 500.0)
+    assert w.kv_s == pytest.approx(512 * 500 * 131072 / (gpu.hbm_bandwidth_bytes_per_s * gpu.memory_efficiency),
+                                   rel=1e-12)
+    assert w.compute_s > w.memory_s - w.kv_s
+    assert phys.step_time_s(w, 1.0) == pytest.approx(w.compute_s + w.kv_s + w.latency_s + w.fixed_s, rel=1e-12)
+    # One maximum over all the work (the HBM traffic, 17.5 ms, beats the 10.3 ms of FLOPs) would hide the part of
+    # the KV read that the compute left no room for: C - (M - K), 4.9 ms of a 22 ms GPU step.
+    hidden = phys.step_time_s(w, 1.0) - (max(w.compute_s, w.memory_s) + w.latency_s + w.fixed_s)
+    assert hidden == pytest.approx(w.compute_s - (w.memory_s - w.kv_s), rel=1e-9)
+    assert hidden > 4e-3
+
+
+@settings(max_examples=200, deadline=None)
+@given(c0=st.floats(1e-5, 0.05), m0=st.floats(1e-5, 0.05), kv_share=st.floats(0, 1), c1=st.floats(0, 1e-5),
+       m1=st.floats(0, 1e-5), x=st.floats(0, 0.01), lat=st.floats(0, 0.01), launch=st.floats(0, 0.1),
+       host_share=st.floats(0, 1), f=st.floats(0.05, 1.0), k=st.integers(1, 600))
+def test_a_stretchs_peak_power_is_its_most_power_hungry_iteration(c0, m0, kv_share, c1, m1, x, lat, launch,
+                                                                    host_share, f, k):
+    """The governor's candidates (the ends, the iterations beside the turn from one roofline line to the other
+    and beside the end of the launch floor) hold the stretch's peak: checked against every iteration."""
+    phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism())
+    w0 = StepWork(c0, m0, x, lat, kv_share * m0, launch, host_share * x)
+    every = max(phys.step_power_w(StepWork(c0 + c1 * j, m0 + m1 * j, x, lat, kv_share * m0 + m1 * j, launch,
+                                           host_share * x), f) for j in range(k))
+    assert phys.stretch_peak_power_w(w0, c1, m1, k, f) == pytest.approx(every, rel=1e-12)
+
+
+def test_a_stretch_that_turns_compute_bound_peaks_at_the_turn():
+    """Memory-bound at first, then compute plus KV read once the growing attention work overtakes the HBM
+    traffic: the turn comes at (m0 - c0 - kv0) / c1 = 316.7 iterations, where power peaks, 1 % above the last
+    iteration's; the governor's clock must hold that iteration under the cap, not just the ends."""
+    phys = ReplicaPhysics(load_model("llama-3.1-8b"), GPUS["h100-sxm"], Parallelism())
+    c0, m0, kv0, c1, m1, x, k = 4e-3, 9.6e-3, 3.7e-3, 6e-6, 2.5e-6, 1e-3, 500
+    powers = [phys.step_power_w(StepWork(c0 + c1 * j, m0 + m1 * j, x, 0.0, kv0 + m1 * j), 1.0) for j in range(k)]
+    assert int(np.argmax(powers)) == 317
+    assert powers[317] > 1.005 * max(powers[0], powers[-1])
+    w0 = StepWork(c0, m0, x, 0.0, kv0)
+    assert phys.stretch_peak_power_w(w0, c1, m1, k, 1.0) == pytest.approx(powers[317], rel=1e-12)
+    cap = 0.995 * powers[317]
+    f = phys.clock_for_stretch(w0, c1, m1, k, cap)
+    assert f < 1.0
+    assert phys.stretch_peak_power_w(w0, c1, m1, k, f) <= cap
 
 
 def test_a_host_wait_draws_idle_plus_the_host_power_at_any_clock():

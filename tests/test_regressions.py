@@ -13,8 +13,9 @@ from tests.userpolicy import Recorder
 
 
 def test_long_decode_stretch_stays_under_the_cap():
-    # 256 sequences decoding 1,000 tokens: each step turns from compute- to memory-bound mid-stretch, where
-    # per-iteration power peaks; the governor must hold the peak under the cap, not just the ends.
+    # 256 sequences decoding 1,000 tokens under a cap: once the governor checked only a stretch's ends, and an
+    # iteration where the step turned from one roofline regime to the other drew more than the cap (the peak at
+    # such a turn: tests/test_physics.py); every window must stay under the cap, and the cap must bind.
     sc = tiny({"kind": "static-batches", "batch_size": 256, "requests": 256, "prompt_tokens": 100,
                "output_tokens": 1000}, engine={"max_num_seqs": 256}, control={"power_cap_w": 330},
               power={"cap_actuation_delay_s": 0.0}, duration_s=600)

@@ -34,6 +34,7 @@ from sim.calibrate import (
 )
 from sim.catalog.calibration import CALIBRATION_DIR, engine_params, gpu_params
 from sim.catalog.gpus import GPUS, datasheet_gpu
+from sim.catalog.models import load_model
 from sim.errors import PalsError
 from sim.operating_point import RowPrediction, analytic_row, measured_as_row, row_physics, row_scenario, simulate_row
 from sim.physics import EngineOverheads
@@ -665,7 +666,8 @@ def test_mlenergy_leave_one_model_out():
             worst[k] = max(worst.get(k, 0.0), v)
     print(f"worst: {worst}")
     # Each held-out model predicted from its config alone: the targets (12 / 12 / 15 %) hold for every figure but
-    # the miss the README lists (Llama-3.1-8B's power, ~17 %), which stays within the bound guarded here.
+    # the miss the README lists (Llama-3.1-8B's power, ~17 %), which stays within the bound guarded here (and which
+    # no physics shared by the two 8B models can close: see the test after next).
     misses = {("llama-3.1-8b", "power_w_per_gpu")}
     targets = {"throughput_tokens_per_s": 12.0, "power_w_per_gpu": 12.0, "itl_median_s": 15.0}
     for fold in folds:
@@ -693,6 +695,38 @@ def test_llama_70b_held_out_with_a_measured_gemm_efficiency_meets_the_targets():
     assert fold.mape["throughput_tokens_per_s"] <= 12.0
     assert fold.mape["power_w_per_gpu"] <= 12.0
     assert fold.mape["itl_median_s"] <= 15.0
+
+
+def test_llama_3_1_8b_h100_power_is_out_of_reach_of_a_shared_physics():
+    # Why Llama-3.1-8B's held-out power is a tolerated miss. At batch 8 both one-GPU models decode bound by HBM.
+    # Qwen3-8B's step streams more bytes (2 % more weights, 36 layers of KV against 32, longer outputs) and takes
+    # 12 % longer, yet costs less energy (mean power x median ITL) than Llama-3.1-8B's. A step's energy is its
+    # static power over its duration plus what its bytes and FLOPs cost, none below zero, so on one GPU in one state
+    # it would cost more. The one thing Llama-3.1-8B's rows carry more of is prefills (its outputs are shorter, so
+    # more requests start per step); for them to close the gap, the prompts would have to average over 600 tokens,
+    # twice what the rows assume (300), even with every prompt token's FLOPs run at half the datasheet rate while
+    # drawing the 700 W limit, and the static draw at 60 W, below any idle H100 SXM. Different clocks, boards,
+    # temperatures or engine builds between the two runs would explain it; no model config can tell those apart.
+    t = mlenergy_h100()
+    batch = 8
+    rows = {name: t[(t["model"] == name) & (t["max_num_seqs"] == batch)].iloc[0]
+            for name in ("llama-3.1-8b", "qwen3-8b")}
+    llama, qwen = rows["llama-3.1-8b"], rows["qwen3-8b"]
+    step_bytes = {name: load_model(name).total_weight_bytes + batch * (r.prompt_tokens_mean + r.output_tokens_mean / 2)
+                  * load_model(name).kv_bytes_per_token for name, r in rows.items()}
+    e_llama, e_qwen = (r.power_w_per_gpu * r.itl_median_s for r in (llama, qwen))
+    print(f"\nbatch {batch}: Llama-3.1-8B {llama.itl_median_s * 1e3:.2f} ms, {e_llama:.3f} J, "
+          f"{step_bytes['llama-3.1-8b'] / 1e9:.1f} GB a step; "
+          f"Qwen3-8B {qwen.itl_median_s * 1e3:.2f} ms, {e_qwen:.3f} J, {step_bytes['qwen3-8b'] / 1e9:.1f} GB")
+    assert qwen.itl_median_s > 1.1 * llama.itl_median_s and step_bytes["qwen3-8b"] > step_bytes["llama-3.1-8b"]
+    assert e_qwen < e_llama
+    gap_j = e_llama - e_qwen + 60.0 * (qwen.itl_median_s - llama.itl_median_s)
+    more_prefills_per_step = batch / llama.output_tokens_mean - batch / qwen.output_tokens_mean
+    gemm_flops_per_s = 0.5 * datasheet_gpu("h100-sxm").peak_bf16_flops
+    prompt_token_j = 2.0 * load_model("llama-3.1-8b").dense_params / gemm_flops_per_s * 700.0
+    prompt_tokens_to_close = gap_j / more_prefills_per_step / prompt_token_j
+    print(f"prompts would have to average {prompt_tokens_to_close:.0f} tokens to close the gap")
+    assert prompt_tokens_to_close > 600.0
 
 
 def test_argonne_a100_power_vs_batch():

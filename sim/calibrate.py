@@ -174,10 +174,13 @@ def _residuals(preds: list[RowPrediction], table: pd.DataFrame) -> np.ndarray:
     return np.concatenate(res)
 
 
+FITTED_METRICS = ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s")  # what the fit and its checks compare
+
+
 def mape(preds: list[RowPrediction], table: pd.DataFrame) -> dict[str, float]:
     """Mean absolute percentage error per metric (ITL over the rows that measured it)."""
     out = {}
-    for metric in ("throughput_tokens_per_s", "power_w_per_gpu", "itl_median_s"):
+    for metric in FITTED_METRICS:
         pred = np.array([getattr(p, metric) for p in preds])
         meas = table[metric].to_numpy()
         ok = ~np.isnan(meas)
@@ -337,6 +340,18 @@ class HeldOut:
     train_rows: int
     test_rows: int
     mape: dict[str, float]  # MAPE (%) per metric on the held-out rows
+    rows_measured: dict[str, int] = field(default_factory=dict)  # held-out rows that measured each metric
+
+
+def pooled_mape(folds: list[HeldOut]) -> dict[str, float]:
+    """MAPE (%) per metric over every fold's held-out rows together, each row predicted by the fit that did not
+    see it: the folds' figures weighted by the rows that measured the metric."""
+    out = {}
+    for metric in sorted({m for f in folds for m in f.mape}):
+        rows = sum(f.rows_measured.get(metric, 0) for f in folds if metric in f.mape)
+        if rows:
+            out[metric] = sum(f.mape[metric] * f.rows_measured.get(metric, 0) for f in folds if metric in f.mape) / rows
+    return out
 
 
 def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: list[Any] | None = None,
@@ -371,8 +386,10 @@ def held_out_errors(table: pd.DataFrame, gpu_name: str, by: str, train_values: l
             raise CalibrationError(f"holding out {by} = {held} leaves nothing to "
                                    f"{'fit' if train.empty else 'predict'}{hint}")
         result = fit(train, gpu_name, same_die=same_die, measured=measured)
+        counts = {m: int(test[m].notna().sum()) for m in FITTED_METRICS}
         out.append(HeldOut(tuple(held), len(train), len(test),
-                           mape(predict_rows(test, result.gpu, result.engine), test)))
+                           mape(predict_rows(test, result.gpu, result.engine), test),
+                           {m: n for m, n in counts.items() if n}))
     return out
 
 

@@ -314,7 +314,7 @@ def holdout(
 ) -> None:
     """How well a calibration predicts what it never saw: fit without some rows (a model, some caps, ...)
     and predict them. Writes nothing where the catalog reads; prints MAPE per fold (and --out/holdout.json)."""
-    from sim.calibrate import held_out_errors
+    from sim.calibrate import held_out_errors, pooled_mape
     from sim.io import write_json_atomic
 
     try:
@@ -336,14 +336,20 @@ def holdout(
             lines = [[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in f.held_out),
                       str(f.train_rows), str(f.test_rows),
                       *[f"{f.mape[m]:.1f}" if m in f.mape else "-" for m in metrics]] for f in folds]
+            pooled = pooled_mape(folds)
+            if len(folds) > 1:  # every held-out row, each predicted by the fit that left it out
+                lines.append(["all folds", "-", str(sum(f.test_rows for f in folds)),
+                              *[f"{pooled[m]:.1f}" if m in pooled else "-" for m in metrics]])
             print_table(f"{name}: each fold fitted without its rows, then predicting them",
                         [by, "fit rows", "held out", *[f"{HELD_OUT_LABELS[m]} %" for m in metrics]], lines)
-            report[name] = [{"held_out": list(f.held_out), "train_rows": f.train_rows, "test_rows": f.test_rows,
-                             "mape_percent": f.mape} for f in folds]
+            report[name] = {"folds": [{"held_out": list(f.held_out), "train_rows": f.train_rows,
+                                       "test_rows": f.test_rows, "rows_measured": f.rows_measured,
+                                       "mape_percent": f.mape} for f in folds],
+                            "all_folds_mape_percent": pooled}
         if out is not None:
             write_json_atomic(out / "holdout.json", {"tables": [str(t) for t in tables], "by": by,
                                                      "train": train_values, "measured": held,
-                                                     "folds": report})
+                                                     "gpus": report})
             console.print(f"written to {out / 'holdout.json'}")
     except (PalsError, ValueError) as exc:
         _fail(exc)

@@ -348,9 +348,11 @@ def pooled_mape(folds: list[HeldOut]) -> dict[str, float]:
     see it: the folds' figures weighted by the rows that measured the metric."""
     out = {}
     for metric in sorted({m for f in folds for m in f.mape}):
-        rows = sum(f.rows_measured.get(metric, 0) for f in folds if metric in f.mape)
+        # A fold that does not say how many of its rows measured the metric counts all of them.
+        weights = [(f.mape[metric], f.rows_measured.get(metric, f.test_rows)) for f in folds if metric in f.mape]
+        rows = sum(n for _, n in weights)
         if rows:
-            out[metric] = sum(f.mape[metric] * f.rows_measured.get(metric, 0) for f in folds if metric in f.mape) / rows
+            out[metric] = sum(value * n for value, n in weights) / rows
     return out
 
 

@@ -313,7 +313,8 @@ def holdout(
                            "compute_efficiency=0.77 (a GEMM microbenchmark).")] = None,
 ) -> None:
     """How well a calibration predicts what it never saw: fit without some rows (a model, some caps, ...)
-    and predict them. Writes nothing where the catalog reads; prints MAPE per fold (and --out/holdout.json)."""
+    and predict them. Writes nothing where the catalog reads; prints MAPE per fold and, with several folds, over
+    every held-out row together (and --out/holdout.json)."""
     from sim.calibrate import held_out_errors, pooled_mape
     from sim.io import write_json_atomic
 

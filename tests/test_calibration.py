@@ -508,10 +508,13 @@ def test_pooled_mape_weights_each_fold_by_the_rows_that_measured_the_metric():
     # ITL measured on 2 rows of the first fold only and 2 of the second; power missing from the second fold.
     folds = [HeldOut(("a",), 5, 3, {"throughput_tokens_per_s": 10.0, "power_w_per_gpu": 4.0, "itl_median_s": 6.0},
                      {"throughput_tokens_per_s": 3, "power_w_per_gpu": 3, "itl_median_s": 2}),
-             HeldOut(("b",), 7, 1, {"throughput_tokens_per_s": 2.0, "itl_median_s": 12.0},
+             HeldOut(("b",), 7, 2, {"throughput_tokens_per_s": 2.0, "itl_median_s": 12.0},
                      {"throughput_tokens_per_s": 1, "itl_median_s": 2})]
     assert pooled_mape(folds) == {"throughput_tokens_per_s": pytest.approx(8.0), "power_w_per_gpu": 4.0,
                                   "itl_median_s": pytest.approx(9.0)}
+    # A fold without counts weighs by its held-out rows.
+    assert pooled_mape([HeldOut(("a",), 5, 3, {"power_w_per_gpu": 4.0}),
+                        HeldOut(("b",), 5, 1, {"power_w_per_gpu": 8.0})]) == {"power_w_per_gpu": pytest.approx(5.0)}
     assert pooled_mape([]) == {}
 
 
@@ -736,7 +739,7 @@ def test_llama_3_1_8b_h100_power_is_out_of_reach_of_a_shared_physics():
     # static power over its duration plus what its bytes and FLOPs cost, none below zero, so on one GPU in one state
     # it would cost more. The one thing Llama-3.1-8B's rows carry more of is prefills (its outputs are shorter, so
     # more requests start per step); for them to close the gap, the prompts would have to average over 600 tokens,
-    # twice what the rows assume (300), even with every prompt token's FLOPs run at half the datasheet rate while
+    # over twice what the rows assume (300), even with every prompt token's FLOPs run at half the datasheet rate while
     # drawing the 700 W limit, and the static draw at 60 W, below any idle H100 SXM. Different clocks, boards,
     # temperatures or engine builds between the two runs would explain it; no model config can tell those apart.
     t = mlenergy_h100()
@@ -754,8 +757,9 @@ def test_llama_3_1_8b_h100_power_is_out_of_reach_of_a_shared_physics():
     assert e_qwen < e_llama
     gap_j = e_llama - e_qwen + 60.0 * (qwen.itl_median_s - llama.itl_median_s)
     more_prefills_per_step = batch / llama.output_tokens_mean - batch / qwen.output_tokens_mean
-    gemm_flops_per_s = 0.5 * datasheet_gpu("h100-sxm").peak_bf16_flops
-    prompt_token_j = 2.0 * load_model("llama-3.1-8b").dense_params / gemm_flops_per_s * 700.0
+    h100 = datasheet_gpu("h100-sxm")
+    prompt_token_s = 2.0 * load_model("llama-3.1-8b").dense_params / (0.5 * h100.peak_bf16_flops)
+    prompt_token_j = prompt_token_s * h100.power_limit_max_w
     prompt_tokens_to_close = gap_j / more_prefills_per_step / prompt_token_j
     print(f"prompts would have to average {prompt_tokens_to_close:.0f} tokens to close the gap")
     assert prompt_tokens_to_close > 600.0

@@ -747,8 +747,10 @@ def test_llama_3_1_8b_h100_power_is_out_of_reach_of_a_shared_physics():
     rows = {name: t[(t["model"] == name) & (t["max_num_seqs"] == batch)].iloc[0]
             for name in ("llama-3.1-8b", "qwen3-8b")}
     llama, qwen = rows["llama-3.1-8b"], rows["qwen3-8b"]
-    step_bytes = {name: load_model(name).total_weight_bytes + batch * (r.prompt_tokens_mean + r.output_tokens_mean / 2)
-                  * load_model(name).kv_bytes_per_token for name, r in rows.items()}
+    specs = {name: load_model(name) for name in rows}
+    step_bytes = {name: specs[name].total_weight_bytes
+                  + batch * (r.prompt_tokens_mean + r.output_tokens_mean / 2) * specs[name].kv_bytes_per_token
+                  for name, r in rows.items()}
     e_llama, e_qwen = (r.power_w_per_gpu * r.itl_median_s for r in (llama, qwen))
     print(f"\nbatch {batch}: Llama-3.1-8B {llama.itl_median_s * 1e3:.2f} ms, {e_llama:.3f} J, "
           f"{step_bytes['llama-3.1-8b'] / 1e9:.1f} GB a step; "
@@ -758,7 +760,7 @@ def test_llama_3_1_8b_h100_power_is_out_of_reach_of_a_shared_physics():
     gap_j = e_llama - e_qwen + 60.0 * (qwen.itl_median_s - llama.itl_median_s)
     more_prefills_per_step = batch / llama.output_tokens_mean - batch / qwen.output_tokens_mean
     h100 = datasheet_gpu("h100-sxm")
-    prompt_token_s = 2.0 * load_model("llama-3.1-8b").dense_params / (0.5 * h100.peak_bf16_flops)
+    prompt_token_s = 2.0 * specs["llama-3.1-8b"].dense_params / (0.5 * h100.peak_bf16_flops)
     prompt_token_j = prompt_token_s * h100.power_limit_max_w
     prompt_tokens_to_close = gap_j / more_prefills_per_step / prompt_token_j
     print(f"prompts would have to average {prompt_tokens_to_close:.0f} tokens to close the gap")
